@@ -1,0 +1,58 @@
+"""Export a LayerSkip checkpoint to ExecuTorch (.pte) and/or ONNX (.onnx) artifacts.
+
+    python export.py --exit-layer 2 --quant int4                 # the shipped model -> artifacts/pte
+    python export.py --model DIR --exit-layer 6 --backend all    # any Llama checkpoint -> artifacts/{pte,onnx}
+
+--quant picks the best scheme each backend runs correctly:
+    int4: XNNPACK 8da4w (int8 dynamic activations, int4 grouped weights; int4 embedding)
+          ONNX    MatMulNBits int4 weights (block size --group-size), accuracy level 4 (int8 compute)
+    int8: XNNPACK 8da8w (int8 dynamic activations, int8 per-channel weights; int8 embedding)
+          ONNX    dynamic int8 (MatMulInteger, per-channel weights)
+    none: float32. 8da4w / 8da8w name the XNNPACK schemes directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.pipeline import BACKENDS, ExportConfig, run_export
+from models.checkpoint import DEFAULT_MODEL_DIR
+from models.errors import UserError
+
+
+def parse_args(argv=None) -> ExportConfig:
+    d = ExportConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="Llama checkpoint directory (default: shipped)")
+    p.add_argument("--exit-layer", type=int, help="E: the draft runs layers [0, E) (default: the model's recommended)")
+    p.add_argument("--num-speculations", type=int, help="d: draft tokens per step (default: the recommended)")
+    p.add_argument("--quant", default=d.quant, help="none, int8, int4, 8da8w or 8da4w (see above)")
+    p.add_argument("--group-size", type=int, default=d.group_size, help="int4 weight group size")
+    p.add_argument("--max-seq-len", type=int, help="KV cache positions (default: min(max_position_embeddings, 2048))")
+    p.add_argument("--max-tokens-per-call", type=int, default=d.max_tokens_per_call,
+                   help="most tokens per draft/verify call; prompts are fed in chunks of this size")
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS,
+                   help="xnnpack or portable (.pte), onnx (.onnx), all (xnnpack + onnx)")
+    p.add_argument("--onnx-kv-cache", default=d.onnx_kv_cache, choices=("gqa", "sdpa"),
+                   help="ONNX KV cache: gqa (ONNX Runtime's GroupQueryAttention, updated in place; default) "
+                        "or sdpa (standard ONNX ops only)")
+    p.add_argument("--out", type=Path, default=d.out, help="output folder; artifacts go to OUT/pte and OUT/onnx")
+    a = p.parse_args(argv)
+    return ExportConfig(model=a.model, exit_layer=a.exit_layer, num_speculations=a.num_speculations, quant=a.quant,
+                        group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
+                        backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache)
+
+
+def main(argv=None) -> int:
+    try:
+        run_export(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

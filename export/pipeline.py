@@ -1,0 +1,193 @@
+"""Export as named stages: load -> quantize -> trace -> lower -> save, for .pte and .onnx targets.
+
+Each artifact is a directory (manifest.json, the model file(s), tokenizer.json), built in a
+temporary directory beside the target and renamed into place, so a failed export never touches
+an existing good artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+from models.checkpoint import DEFAULT_MODEL_DIR, checkpoint_hash, load_model, read_checkpoint
+from models.errors import UserError
+from models.model import Transformer
+from export.manifest import Manifest, write_manifest
+
+BACKENDS = ("xnnpack", "portable", "onnx", "all")
+DEFAULT_DRAFT_LENGTH = 4
+
+
+@dataclass
+class ExportConfig:
+    model: Path = DEFAULT_MODEL_DIR
+    exit_layer: Optional[int] = None  # None: the checkpoint's recommended one
+    num_speculations: Optional[int] = None
+    quant: str = "none"
+    group_size: int = 32
+    max_seq_len: Optional[int] = None  # None: min(max_position_embeddings, 2048)
+    max_tokens_per_call: int = 64  # upper bound of the dynamic token dimension (prompt chunk size)
+    backend: str = "xnnpack"
+    out: Path = Path("artifacts")
+    methods: tuple[str, ...] = ("draft", "verify", "forward")
+    onnx_kv_cache: str = "gqa"  # "gqa" (ONNX Runtime contrib op, in-place) or "sdpa" (standard ops only)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"--backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}.")
+        from export.onnx_attention import ATTENTION_KINDS
+
+        if self.onnx_kv_cache not in ATTENTION_KINDS:
+            raise UserError(f"--onnx-kv-cache {self.onnx_kv_cache!r} is unknown; use one of {', '.join(ATTENTION_KINDS)}.")
+        if self.max_tokens_per_call < 2:
+            raise UserError(f"--max-tokens-per-call {self.max_tokens_per_call} must be >= 2.")
+        if self.num_speculations is not None and self.num_speculations < 1:
+            raise UserError(f"--num-speculations {self.num_speculations} must be >= 1.")
+        if self.max_seq_len is not None and self.max_seq_len < self.max_tokens_per_call:
+            raise UserError(f"--max-seq-len {self.max_seq_len} must be >= --max-tokens-per-call "
+                            f"{self.max_tokens_per_call}.")
+        from quant.onnx_schemes import resolve_onnx_scheme
+        from quant.torchao_schemes import check_group_size, resolve_scheme
+
+        for target in self.targets():  # reject an unknown scheme before any work is done
+            resolve_onnx_scheme(self.quant) if target == "onnx" else resolve_scheme(self.quant)
+        check_group_size(self.group_size)
+
+    def targets(self) -> list[str]:
+        return ["xnnpack", "onnx"] if self.backend == "all" else [self.backend]
+
+
+@dataclass
+class Resolved:
+    """The settings an export ends up with, once the checkpoint has been read."""
+
+    exit_layer: int
+    num_speculations: int
+    max_seq_len: int
+    ckpt: object
+    source_hash: str
+
+
+class Stages:
+    """Runs named stages, printing progress and keeping their times for the summary."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable, *args, **kwargs):
+        print(f"[{self.label}] {name} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[name] = time.perf_counter() - t
+        print(f"[{self.label}] {name} done in {self.times[name]:.1f} s", file=sys.stderr, flush=True)
+        return result
+
+
+def resolve(cfg: ExportConfig) -> Resolved:
+    ckpt = read_checkpoint(cfg.model)
+    exit_layer = cfg.exit_layer if cfg.exit_layer is not None else ckpt.recommended.get("exit_layer")
+    if exit_layer is None:
+        raise UserError(f"checkpoint '{cfg.model}' records no recommended exit layer; pass --exit-layer E.")
+    ckpt.config.check_exit_layer(int(exit_layer))
+    d = cfg.num_speculations if cfg.num_speculations is not None else int(
+        ckpt.recommended.get("num_speculations", DEFAULT_DRAFT_LENGTH))
+    if d + 1 > cfg.max_tokens_per_call:
+        raise UserError(f"--num-speculations {d} needs verify calls of {d + 1} tokens but --max-tokens-per-call "
+                        f"is {cfg.max_tokens_per_call}; raise it.")
+    max_seq_len = cfg.max_seq_len or min(ckpt.config.max_position_embeddings, 2048)
+    if max_seq_len < cfg.max_tokens_per_call:
+        raise UserError(f"the cache of {max_seq_len} positions is shorter than --max-tokens-per-call "
+                        f"{cfg.max_tokens_per_call}; pass a larger --max-seq-len.")
+    return Resolved(int(exit_layer), d, max_seq_len, ckpt, checkpoint_hash(cfg.model))
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def base_manifest(cfg: ExportConfig, r: Resolved, model: Transformer, **kw) -> Manifest:
+    return Manifest(
+        model_config=model.config.to_dict(), exit_layer=r.exit_layer, num_speculations=r.num_speculations,
+        max_seq_len=r.max_seq_len, max_tokens_per_call=cfg.max_tokens_per_call,
+        bos_token_id=r.ckpt.bos_token_id, eos_token_ids=r.ckpt.eos_token_ids, group_size=cfg.group_size,
+        source={"path": str(cfg.model), "sha256": r.source_hash}, versions=versions(), **kw)
+
+
+def replace_directory(tmp: Path, target: Path) -> None:
+    """Move a finished artifact directory into place; the old one is removed only after the move."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_artifact(target: Path, write: Callable[[Path], Manifest], tokenizer: Path) -> Manifest:
+    """write(tmp_dir) fills a temporary directory and returns its manifest; then it replaces target."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    os.chmod(tmp, 0o755)
+    try:
+        manifest = write(tmp)
+        shutil.copy(tokenizer, tmp / "tokenizer.json")
+        manifest.file_sizes = {f: (tmp / f).stat().st_size for f in manifest.files.values()}
+        write_manifest(tmp, manifest)
+        replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest.directory = target
+    return manifest
+
+
+def export_target(cfg: ExportConfig, r: Resolved, model: Transformer, target: str) -> tuple[Manifest, dict]:
+    if target == "onnx":
+        from export.to_onnx import export_onnx as export_fn
+        directory = Path(cfg.out) / "onnx"
+    else:
+        from export.to_pte import export_pte as export_fn
+        directory = Path(cfg.out) / "pte"
+    stages = Stages(target)
+    manifest = build_artifact(directory, lambda tmp: export_fn(cfg, r, model, tmp, stages), r.ckpt.tokenizer_path)
+    return manifest, stages.times
+
+
+def run_export(cfg: ExportConfig) -> list[Manifest]:
+    r = resolve(cfg)
+    if not r.ckpt.tokenizer_path.exists():
+        raise UserError(f"checkpoint '{cfg.model}' has no tokenizer.json; the artifact needs one beside it.")
+    load = Stages("load")
+    model, _ = load.run("load", load_model, cfg.model)
+    manifests = []
+    targets = cfg.targets()
+    for i, target in enumerate(targets):
+        this_model = model if i == len(targets) - 1 else copy.deepcopy(model)  # quantization mutates it
+        manifest, times = export_target(cfg, r, this_model, target)
+        print_summary(manifest, {**load.times, **times})
+        manifests.append(manifest)
+    return manifests
+
+
+def print_summary(m: Manifest, times: dict[str, float]) -> None:
+    size = sum(m.file_sizes.values())
+    print(f"exported {m.directory}: {m.format} ({m.backend}), methods {', '.join(m.methods)}, quant {m.quant}, "
+          f"E={m.exit_layer}, d={m.num_speculations}, max_seq_len={m.max_seq_len}, {size / 1e6:.1f} MB; "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), file=sys.stderr)

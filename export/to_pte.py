@@ -1,0 +1,113 @@
+"""Lowering to ExecuTorch: one .pte holding the draft, verify and full-model methods.
+
+Weights are stored once (the serializer keys constant data by content, so the LM head and final norm
+shared by the methods appear once) and one KV cache is shared by all methods
+(MemoryPlanningPass(share_mutable_buffers=True); without it the methods would each see their own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram, export
+
+from export.methods import example_inputs, method_module
+from models.model import Transformer
+
+
+def load_custom_ops() -> None:
+    """Registers llama::update_cache / llama::custom_sdpa with torch (export) and the runtime (kernels)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+class CustomOpKVCache(nn.Module):
+    """ExecuTorch's fused cache ops: write K/V at start_pos, attend causally over 0 .. start_pos+T-1 only.
+
+    The cache layout is [1, S, H_kv, D] (sequence second), as the custom ops expect.
+    """
+
+    def __init__(self, max_seq_len: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
+        self.register_buffer("v", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
+
+    def attend(self, q, k, v, positions):
+        start = positions[0].item()
+        torch._check(start >= 0)
+        torch._check(start < self.k.shape[1])
+        # q: [1, H, T, D] -> [1, T, H, D]; k, v likewise with H_kv heads
+        torch.ops.llama.update_cache(k.transpose(1, 2), self.k, start)
+        torch.ops.llama.update_cache(v.transpose(1, 2), self.v, start)
+        y = torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k, self.v, start, None, 0, True)
+        return y.transpose(1, 2)  # [1, H, T, D]
+
+
+def use_custom_kv_cache(model: Transformer, max_seq_len: int) -> Transformer:
+    """Source transformation: the model's caches become ExecuTorch custom-op caches."""
+    load_custom_ops()
+    c = model.config
+    model.caches = nn.ModuleList(CustomOpKVCache(max_seq_len, c.num_key_value_heads, c.head_dim)
+                                 for _ in range(c.num_hidden_layers))
+    model.max_seq_len = max_seq_len
+    return model
+
+
+def trace(model: Transformer, methods: list[str], exit_layer: int, max_tokens: int) -> dict[str, ExportedProgram]:
+    tokens = Dim("tokens", min=1, max=max_tokens)
+    programs = {}
+    with torch.no_grad():
+        for name in methods:
+            module = method_module(name, model, exit_layer)
+            programs[name] = export(module, example_inputs(name, model), dynamic_shapes=({1: tokens}, None),
+                                    strict=False)
+    return programs
+
+
+def lower(programs: dict[str, ExportedProgram], backend: str, constants: dict[str, Any]):
+    """Edge dialect, XNNPACK delegation (unless 'portable'), memory planning with one shared KV cache."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    partitioner = [XnnpackPartitioner()] if backend == "xnnpack" else []
+    edge = to_edge_transform_and_lower(programs, partitioner=partitioner, constant_methods=constants,
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    return edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        do_quant_fusion_and_const_prop=True,  # folds the quantized embedding's dequantize into its lookup
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+    ))
+
+
+def save(program, path: Path) -> None:
+    with open(path, "wb") as f:
+        program.write_to_file(f)
+
+
+def export_pte(cfg, r, model: Transformer, directory: Path, stages):
+    """All stages after load, writing directory/model.pte; returns the manifest (sizes filled in later)."""
+    from export.pipeline import base_manifest
+    from quant.torchao_schemes import quantize_model, resolve_scheme
+
+    scheme = resolve_scheme(cfg.quant)
+    backend = cfg.backend if cfg.backend in ("xnnpack", "portable") else "xnnpack"
+    stages.run("quantize", quantize_model, model, scheme, cfg.group_size)
+    use_custom_kv_cache(model, r.max_seq_len)
+    programs = stages.run("trace", trace, model, list(cfg.methods), r.exit_layer, cfg.max_tokens_per_call)
+    program = stages.run("lower", lower, programs, backend, runtime_constants(model, r.exit_layer, r.max_seq_len,
+                                                                              cfg.max_tokens_per_call))
+    stages.run("save", save, program, directory / "model.pte")
+    return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
+                         methods=list(cfg.methods), quant=scheme, backend=backend)
+
+
+def runtime_constants(model: Transformer, exit_layer: int, max_seq_len: int, max_tokens: int) -> dict[str, int]:
+    """Facts stored inside the .pte as constant methods; the runtime checks them against the manifest."""
+    c = model.config
+    return {"exit_layer": exit_layer, "max_seq_len": max_seq_len, "max_tokens_per_call": max_tokens,
+            "num_layers": c.num_hidden_layers, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size}

@@ -1,0 +1,398 @@
+"""On-device latency benchmark: self-speculative vs autoregressive decoding, per backend and scheme.
+
+    python -m runtime.bench --artifact artifacts/pte artifacts/onnx        # artifacts you exported
+    python -m runtime.bench --export                                       # export {pte, onnx} x {fp32, int8, int4} first
+    python -m runtime.bench --export --peers                               # + transformers and a two-model baseline
+    python -m runtime.bench --sweep --exit-layers 1 2 3 4 --draft-lengths 2 3 4 6 [--write-recommended]
+
+For each artifact: decode tokens/s (prompt excluded), time to first token, acceptance rate, tokens
+per step, per-call latency of draft / verify / full-model calls, peak RSS (each mode in a fresh
+process) and artifact size. Autoregressive decoding runs on the same artifact in the same process,
+both through draft+verify and through the single full-model method; the speedup is against the
+faster of the two. Medians over --repeats. Writes bench.json, bench.md and PNG plots to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from models.checkpoint import DEFAULT_MODEL_DIR, RECOMMENDED_FILE, write_json
+from models.data import prompt_set
+from models.errors import UserError
+from runtime import measure
+from runtime.loader import Opened, open_artifact, open_checkpoint
+
+SCHEMES = ("none", "int8", "int4")
+
+
+@dataclass
+class BenchConfig:
+    artifacts: list[Path] = field(default_factory=list)
+    export: bool = False
+    model: Path = DEFAULT_MODEL_DIR
+    eager: bool = False
+    prompts: str = "humaneval"
+    limit: int = 164
+    max_new_tokens: int = 128
+    repeats: int = 3
+    threads: int = 0
+    rss: bool = True
+    peers: bool = False
+    peer_limit: int = 20
+    sweep: bool = False
+    exit_layers: tuple[int, ...] = ()
+    draft_lengths: tuple[int, ...] = (2, 3, 4, 6)
+    sweep_quant: str = "int4"
+    write_recommended: bool = False
+    out: Path = Path("bench_results")
+
+    def __post_init__(self):
+        if self.repeats < 1 or self.limit < 1 or self.max_new_tokens < 2:
+            raise UserError("--repeats and --limit must be >= 1 and --max-new-tokens >= 2.")
+        if not (self.artifacts or self.export or self.eager or self.sweep):
+            raise UserError("nothing to benchmark: pass --artifact DIR, --export, --eager or --sweep.")
+
+
+def machine() -> dict:
+    from export.pipeline import versions
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def encode_prompts(opened: Opened, texts: list[str], max_new_tokens: int) -> tuple[list[list[int]], int]:
+    """Token ids of the prompts that fit the cache with room for max_new_tokens; and how many did not."""
+    room = opened.backend.max_seq_len - max_new_tokens
+    ids = [opened.tokenizer.encode(t) for t in texts]
+    fitting = [i for i in ids if len(i) < room]
+    return fitting, len(ids) - len(fitting)
+
+
+def artifact_size_mb(opened: Opened) -> Optional[float]:
+    sizes = opened.facts.get("file_sizes")
+    return sum(sizes.values()) / 1e6 if sizes else None
+
+
+def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: BenchConfig) -> dict:
+    prompts, skipped = encode_prompts(opened, texts, cfg.max_new_tokens)
+    d = opened.num_speculations
+    eos = tuple(opened.eos_token_ids)
+    print(f"[bench] {label}: {len(prompts)} prompts x {cfg.max_new_tokens} tokens x {cfg.repeats} repeats, d={d}",
+          file=sys.stderr, flush=True)
+    record = {"label": label, **opened.facts, "num_speculations": d, "prompts": len(prompts),
+              "prompts_skipped_too_long": skipped, "size_mb": artifact_size_mb(opened),
+              "calls_ms": measure.per_call_latency(opened.backend, d),
+              "modes": measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats)}
+    if cfg.rss:
+        record["peak_rss_mb"] = {m: measure.rss_probe({**spec, "mode": m, "prompts": prompts[:3], "d": d,
+                                                      "max_new_tokens": cfg.max_new_tokens, "threads": cfg.threads})
+                                 for m in record["modes"] if m in measure.MODES}
+    m = record["modes"]
+    print(f"[bench] {label}: spec {m['spec']['decode_tokens_per_s']:.1f} tok/s vs AR "
+          f"{max(m[k]['decode_tokens_per_s'] for k in ('ar', 'ar_full') if k in m):.1f} -> {m.get('speedup', 0):.2f}x, "
+          f"acceptance {m['spec']['acceptance_rate']:.2f}", file=sys.stderr, flush=True)
+    return record
+
+
+def export_grid(cfg: BenchConfig) -> list[Path]:
+    from export.pipeline import ExportConfig, run_export
+
+    dirs = []
+    for scheme in SCHEMES:
+        for manifest in run_export(ExportConfig(model=cfg.model, quant=scheme, backend="all",
+                                                out=cfg.out / "artifacts" / scheme)):
+            dirs.append(manifest.directory)
+    return dirs
+
+
+def open_target(spec: dict, threads: int) -> Opened:
+    if spec["kind"] == "eager":
+        return open_checkpoint(spec["path"], threads=threads)
+    return open_artifact(spec["path"], threads=threads)
+
+
+def run_benchmarks(cfg: BenchConfig) -> dict:
+    texts = [p["prompt"] for p in prompt_set(cfg.prompts)[:cfg.limit]]
+    artifacts = list(cfg.artifacts) + (export_grid(cfg) if cfg.export else [])
+    specs = [{"kind": "artifact", "path": str(a)} for a in artifacts]
+    if cfg.eager:
+        specs.append({"kind": "eager", "path": str(cfg.model)})
+    results = {"machine": machine(), "settings": settings(cfg), "runs": []}
+    for spec in specs:
+        opened = open_target(spec, cfg.threads)
+        label = f"{opened.facts['backend']} {opened.facts.get('quant', 'fp32')}"
+        results["runs"].append(bench_one(label, opened, spec, texts, cfg))
+        del opened
+    if cfg.peers:
+        results["peers"] = run_peers(cfg, texts)
+    if cfg.sweep:
+        results["sweep"] = run_sweep(cfg, texts)
+    return results
+
+
+def settings(cfg: BenchConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+            for k, v in cfg.__dict__.items()}
+
+
+# ---------------------------------------------------------------- peers
+
+
+def run_peers(cfg: BenchConfig, texts: list[str]) -> dict:
+    """transformers (plain greedy, assistant_early_exit) and a two-model speculation baseline."""
+    from export.pipeline import ExportConfig, resolve
+    from models.checkpoint import load_model
+    from runtime.two_model import TwoModelBackend, export_two_models, file_sizes
+
+    r = resolve(ExportConfig(model=cfg.model))
+    ours = open_checkpoint(cfg.model)
+    prompts, _ = encode_prompts(ours, texts[:cfg.peer_limit], cfg.max_new_tokens)
+    eos = tuple(ours.eos_token_ids)
+    print(f"[bench] peers on {len(prompts)} prompts", file=sys.stderr, flush=True)
+    our_ar = measure.greedy_tokens(ours.backend, prompts, measure.mode_config("ar", 1, cfg.max_new_tokens, eos))
+    del ours
+    peers = {}
+    for name, exit_layer in (("transformers_greedy", None), ("transformers_assistant_early_exit", r.exit_layer)):
+        out = measure.hf_generate(cfg.model, prompts, cfg.max_new_tokens, eos, exit_layer, cfg.threads)
+        peers[name] = {"decode_tokens_per_s": out["decode_tokens_per_s"], "prompts": len(prompts),
+                       "identical_to_ours": sum(a == b for a, b in zip(out["tokens"], our_ar)) / len(prompts)}
+        print(f"[bench] {name}: {out['decode_tokens_per_s']:.1f} tok/s, identical to ours on "
+              f"{peers[name]['identical_to_ours']:.0%} of prompts", file=sys.stderr, flush=True)
+    model, _ = load_model(cfg.model)
+    directory = cfg.out / "artifacts" / "two_model"
+    paths = export_two_models(model, r.exit_layer, cfg.sweep_quant, 32, r.max_seq_len, 64, directory)
+    backend = TwoModelBackend(paths, r.exit_layer, model.config.num_hidden_layers, r.max_seq_len, 64)
+    modes = measure.run_modes(backend, prompts, r.num_speculations, cfg.max_new_tokens, eos, cfg.repeats,
+                              modes=("spec",))
+    spec = {"kind": "two_model", "paths": {k: str(v) for k, v in paths.items()}, "exit_layer": r.exit_layer,
+            "num_layers": model.config.num_hidden_layers, "max_seq_len": r.max_seq_len}
+    peers["two_model_" + cfg.sweep_quant] = {
+        "size_mb": file_sizes(paths) / 1e6, "modes": modes,
+        "peak_rss_mb": measure.rss_probe({**spec, "mode": "spec", "prompts": prompts[:3], "d": r.num_speculations,
+                                          "max_new_tokens": cfg.max_new_tokens, "threads": cfg.threads})
+        if cfg.rss else None}
+    return peers
+
+
+# ---------------------------------------------------------------- sweep over E and d
+
+
+def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
+    from export.pipeline import ExportConfig, run_export
+    from models.checkpoint import read_checkpoint
+
+    n = read_checkpoint(cfg.model).config.num_hidden_layers
+    exit_layers = cfg.exit_layers or tuple(range(1, n))
+    surface = []
+    for e in exit_layers:
+        manifest = run_export(ExportConfig(model=cfg.model, exit_layer=e, quant=cfg.sweep_quant,
+                                           out=cfg.out / "sweep" / f"e{e}"))[0]
+        opened = open_artifact(manifest.directory, threads=cfg.threads)
+        prompts, _ = encode_prompts(opened, texts, cfg.max_new_tokens)
+        eos = tuple(opened.eos_token_ids)
+        base = measure.run_modes(opened.backend, prompts, 1, cfg.max_new_tokens, eos, cfg.repeats,
+                                 modes=("ar", "ar_full"))
+        ar = max(base[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in base)
+        for d in cfg.draft_lengths:
+            spec = measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats,
+                                     modes=("spec",))["spec"]
+            point = {"exit_layer": e, "num_speculations": d, "spec_tokens_per_s": spec["decode_tokens_per_s"],
+                     "ar_tokens_per_s": ar, "speedup": spec["decode_tokens_per_s"] / ar,
+                     "acceptance_rate": spec["acceptance_rate"], "mean_tokens_per_step": spec["mean_tokens_per_step"]}
+            surface.append(point)
+            print(f"[sweep] E={e} d={d}: {point['speedup']:.2f}x (acceptance {point['acceptance_rate']:.2f})",
+                  file=sys.stderr, flush=True)
+    best = max(surface, key=lambda p: p["speedup"])
+    if cfg.write_recommended:
+        write_json(Path(cfg.model) / RECOMMENDED_FILE, {
+            "exit_layer": best["exit_layer"], "num_speculations": best["num_speculations"],
+            "measured": {"speedup": round(best["speedup"], 3), "quant": cfg.sweep_quant, "backend": "xnnpack",
+                         "prompts": cfg.prompts, "machine": machine()["cpu"], "date": machine()["date"]}})
+    return {"surface": surface, "best": best}
+
+
+# ---------------------------------------------------------------- output
+
+
+def markdown(results: dict) -> str:
+    mach = results["machine"]
+    lines = [f"Machine: {mach['cpu']}, {mach['cores']} cores; {mach['date']}.", "",
+             "| artifact | size MB | AR tok/s (draft+verify) | AR tok/s (full call) | self-spec tok/s | speedup | "
+             "acceptance | tokens/step | TTFT ms | draft ms | verify d+1 ms | full ms | RSS AR MB | RSS spec MB |",
+             "|" + "---|" * 14]
+    for r in results["runs"]:
+        m, c = r["modes"], r["calls_ms"]
+        rss = r.get("peak_rss_mb") or {}
+        d = r["num_speculations"]
+        cells = [r["label"], f"{r['size_mb']:.1f}" if r.get("size_mb") else "-",
+                 f"{m['ar']['decode_tokens_per_s']:.1f}",
+                 f"{m['ar_full']['decode_tokens_per_s']:.1f}" if "ar_full" in m else "-",
+                 f"{m['spec']['decode_tokens_per_s']:.1f}", f"**{m['speedup']:.2f}x**",
+                 f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
+                 f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
+                 f"{c['full_1']:.3f}" if "full_1" in c else "-",
+                 f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "peers" in results:
+        lines += ["", "| peer | tok/s | notes |", "|---|---|---|"]
+        for name, p in results["peers"].items():
+            if "identical_to_ours" in p:
+                lines.append(f"| {name} | {p['decode_tokens_per_s']:.1f} | greedy output identical to ours on "
+                             f"{p['identical_to_ours']:.0%} of {p['prompts']} prompts |")
+            else:
+                lines.append(f"| {name} | {p['modes']['spec']['decode_tokens_per_s']:.1f} | {p['size_mb']:.1f} MB, "
+                             f"peak RSS {p.get('peak_rss_mb') or 0:.0f} MB |")
+    if "sweep" in results:
+        lines += ["", "| E | d | speedup | acceptance | tokens/step | self-spec tok/s | AR tok/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in results["sweep"]["surface"]:
+            lines.append(f"| {p['exit_layer']} | {p['num_speculations']} | {p['speedup']:.2f}x | "
+                         f"{p['acceptance_rate']:.2f} | {p['mean_tokens_per_step']:.2f} | "
+                         f"{p['spec_tokens_per_s']:.1f} | {p['ar_tokens_per_s']:.1f} |")
+        b = results["sweep"]["best"]
+        lines.append(f"\nBest on this machine: E={b['exit_layer']}, d={b['num_speculations']} ({b['speedup']:.2f}x).")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if results["runs"]:
+        runs = results["runs"]
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(runs)), 4))
+        x = np.arange(len(runs))
+        for i, (mode, name) in enumerate((("ar", "AR draft+verify"), ("ar_full", "AR full call"),
+                                          ("spec", "self-speculative"))):
+            vals = [r["modes"].get(mode, {}).get("decode_tokens_per_s", 0) for r in runs]
+            ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=name)
+        ax.set_xticks(x, [r["label"] for r in runs], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title("Decode speed per backend and scheme")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "tokens_per_s.png", dpi=100)
+        plt.close(fig)
+    if "sweep" in results:
+        surface = results["sweep"]["surface"]
+        es = sorted({p["exit_layer"] for p in surface})
+        ds = sorted({p["num_speculations"] for p in surface})
+        grid = np.array([[next(p["speedup"] for p in surface if p["exit_layer"] == e and p["num_speculations"] == d)
+                          for d in ds] for e in es])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        im = ax.imshow(grid, cmap="viridis", origin="lower")
+        ax.set_xticks(range(len(ds)), ds)
+        ax.set_yticks(range(len(es)), es)
+        ax.set(xlabel="draft length d", ylabel="exit layer E", title="self-speculative speedup")
+        for i in range(len(es)):
+            for j in range(len(ds)):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(out / "speedup_surface.png", dpi=100)
+        plt.close(fig)
+
+
+def write_results(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bench.json", results)
+    (out / "bench.md").write_text(markdown(results))
+    plots(results, out)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def probe(spec: dict) -> None:
+    """Child process of an RSS measurement: open, decode, print peak RSS."""
+    import resource
+
+    from runtime.decoding import generate
+
+    if spec["kind"] == "two_model":
+        from runtime.two_model import TwoModelBackend
+
+        backend = TwoModelBackend({k: Path(v) for k, v in spec["paths"].items()}, spec["exit_layer"],
+                                  spec["num_layers"], spec["max_seq_len"], 64)
+        eos: tuple = ()
+    else:
+        opened = open_target(spec, spec.get("threads", 0))
+        backend, eos = opened.backend, tuple(opened.eos_token_ids)
+    cfg = measure.mode_config(spec["mode"], spec["d"], spec["max_new_tokens"], eos)
+    for ids in spec["prompts"]:
+        generate(backend, ids, cfg)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def parse_args(argv=None) -> Optional[BenchConfig]:
+    d = BenchConfig(eager=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", type=Path, nargs="*", default=[], help="exported artifact directories")
+    p.add_argument("--export", action="store_true", help="export the {pte, onnx} x {fp32, int8, int4} grid first")
+    p.add_argument("--model", type=Path, default=d.model, help="checkpoint for --export, --eager, --peers, --sweep")
+    p.add_argument("--eager", action="store_true", help="also benchmark the eager PyTorch backend")
+    p.add_argument("--prompts", default=d.prompts, help="humaneval, corpus or file:PATH (JSONL of {\"prompt\"})")
+    p.add_argument("--limit", type=int, default=d.limit, help="use the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes (one process per mode)")
+    p.add_argument("--peers", action="store_true", help="transformers generate / assistant_early_exit, two-model")
+    p.add_argument("--peer-limit", type=int, default=d.peer_limit)
+    p.add_argument("--sweep", action="store_true", help="speedup over exit layer E and draft length d")
+    p.add_argument("--exit-layers", type=int, nargs="*", default=[])
+    p.add_argument("--draft-lengths", type=int, nargs="*", default=list(d.draft_lengths))
+    p.add_argument("--sweep-quant", default=d.sweep_quant)
+    p.add_argument("--write-recommended", action="store_true", help="store the sweep's best (E, d) in the model")
+    p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--probe", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.probe:
+        probe(json.loads(a.probe))
+        return None
+    return BenchConfig(artifacts=a.artifact, export=a.export, model=a.model, eager=a.eager, prompts=a.prompts,
+                       limit=a.limit, max_new_tokens=a.max_new_tokens, repeats=a.repeats, threads=a.threads,
+                       rss=not a.no_rss, peers=a.peers, peer_limit=a.peer_limit, sweep=a.sweep,
+                       exit_layers=tuple(a.exit_layers), draft_lengths=tuple(a.draft_lengths),
+                       sweep_quant=a.sweep_quant, write_recommended=a.write_recommended, out=a.out)
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        if cfg is None:
+            return 0
+        t = time.perf_counter()
+        results = run_benchmarks(cfg)
+        write_results(results, cfg.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(results))
+    print(f"wrote {cfg.out}/bench.json, bench.md and plots in {(time.perf_counter() - t) / 60:.1f} min",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

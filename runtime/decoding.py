@@ -1,0 +1,302 @@
+"""The decoding loops: autoregressive and self-speculative (greedy and sampling), for any backend.
+
+Self-speculative step (t = last emitted token at position p, d = draft length):
+    draft   : d calls of layers [0, E) + exit head, one token each, at p .. p+d-1 -> drafts x1..xd
+    prefix  : one more call for xd at p+d, so the exit cache holds t, x1..xd
+    verify  : one call of layers [E, L) on the d+1 cached hidden states -> logits for p+1 .. p+d+1
+    accept  : greedy: longest prefix of drafts equal to the verifier's argmax, then its next token;
+              sampling: accept x_i with prob min(1, p_i/q_i), else resample from norm(max(p - q, 0))
+    rollback: the next step starts at p + accepted + 1; stale cache rows beyond it are overwritten.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from models.errors import UserError
+from runtime.backend import Backend, has_full_model
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    self_speculative: bool = True  # False: plain autoregressive decoding (the baseline)
+    num_speculations: int = 4  # d, draft tokens per step
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    full_model_baseline: bool = False  # autoregressive through the backend's single full-model call
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens} must be >= 1.")
+        if self.num_speculations < 1:
+            raise UserError(f"--num-speculations {self.num_speculations} must be >= 1 (draft tokens per step).")
+        if self.temperature < 0:
+            raise UserError(f"--temperature {self.temperature} must be >= 0 (0 is greedy).")
+        if self.top_k < 0:
+            raise UserError(f"--top-k {self.top_k} must be >= 0 (0 is off).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p {self.top_p} must be in (0, 1].")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_time_s: float = 0.0  # from the first generated token to the last
+    decode_tokens_per_s: float = 0.0  # tokens after the first / decode_time_s (prompt excluded)
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    tokens_per_step: dict = field(default_factory=dict)  # histogram {tokens emitted in a step: steps}
+    draft_calls: int = 0
+    verify_calls: int = 0
+    full_calls: int = 0
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    full_time_s: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        return sum(k * v for k, v in self.tokens_per_step.items()) / self.steps if self.steps else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate,
+                "mean_tokens_per_step": self.mean_tokens_per_step,
+                "tokens_per_step": {str(k): v for k, v in sorted(self.tokens_per_step.items())}}
+
+    def summary(self) -> str:
+        s = (f"{self.generated_tokens} tokens, {self.decode_tokens_per_s:.1f} tok/s decode, "
+             f"TTFT {self.time_to_first_token_s * 1000:.0f} ms")
+        if self.drafted:
+            s += (f", acceptance {self.acceptance_rate:.2f}, {self.mean_tokens_per_step:.2f} tokens/step, "
+                  f"{self.draft_calls} draft + {self.verify_calls} verify calls")
+        return s + f" (stop: {self.stop_reason})"
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated ids (prompt excluded)
+    stats: GenerationStats
+
+
+class TimedBackend:
+    """Counts and times every backend call into the stats."""
+
+    def __init__(self, backend: Backend, stats: GenerationStats):
+        self.backend, self.stats = backend, stats
+
+    def draft(self, tokens, pos):
+        t = time.perf_counter()
+        out = self.backend.draft(tokens, pos)
+        self.stats.draft_time_s += time.perf_counter() - t
+        self.stats.draft_calls += 1
+        return out
+
+    def verify(self, pos, count):
+        t = time.perf_counter()
+        out = self.backend.verify(pos, count)
+        self.stats.verify_time_s += time.perf_counter() - t
+        self.stats.verify_calls += 1
+        return out
+
+    def forward(self, tokens, pos):
+        t = time.perf_counter()
+        out = self.backend.forward(tokens, pos)
+        self.stats.full_time_s += time.perf_counter() - t
+        self.stats.full_calls += 1
+        return out
+
+
+# ---------------------------------------------------------------- token choice
+
+
+def filtered_probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to logits [..., V] -> probabilities [..., V]."""
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p (the first one always stays).
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits.softmax(-1)
+
+
+class TokenChooser:
+    """Greedy argmax or seeded sampling, and the speculative acceptance rule."""
+
+    def __init__(self, cfg: GenerationConfig):
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def sample(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
+        """A token from logits [V], and the distribution it was drawn from (None when greedy)."""
+        if self.cfg.greedy:
+            return int(logits.argmax()), None
+        probs = filtered_probs(logits, self.cfg)
+        return self.sample(probs), probs
+
+    def accept(self, drafts: list[int], draft_probs: list, verify_logits: torch.Tensor) -> tuple[int, list[int]]:
+        """(accepted draft count, tokens to emit) from the verifier's logits [d+1, V] of one step."""
+        if self.cfg.greedy:
+            targets = verify_logits.argmax(-1).tolist()
+            n = 0
+            while n < len(drafts) and drafts[n] == targets[n]:
+                n += 1
+            return n, drafts[:n] + [targets[n]]
+        p = filtered_probs(verify_logits, self.cfg)  # [d+1, V]
+        for i, (x, q) in enumerate(zip(drafts, draft_probs)):
+            u = float(torch.rand((), generator=self.generator))
+            if u < min(1.0, float(p[i, x]) / float(q[x])):
+                continue
+            residual = (p[i] - q).clamp_min(0.0)
+            fix = self.sample(residual / residual.sum()) if float(residual.sum()) > 0 else self.sample(p[i])
+            return i, drafts[:i] + [fix]
+        return len(drafts), drafts + [self.sample(p[len(drafts)])]
+
+
+# ---------------------------------------------------------------- the loops
+
+
+class Emitter:
+    """Collects emitted tokens, streams them, and decides when to stop."""
+
+    def __init__(self, cfg: GenerationConfig, stats: GenerationStats, on_tokens: Optional[Callable]):
+        self.cfg, self.stats, self.on_tokens = cfg, stats, on_tokens
+        self.tokens: list[int] = []
+        self.t_start = time.perf_counter()
+        self.t_first: Optional[float] = None
+
+    def emit(self, new: list[int]) -> bool:
+        """Append tokens (cut at EOS or the token limit); True when generation must stop."""
+        stop = ""
+        for i, tok in enumerate(new):
+            if tok in self.cfg.eos_token_ids:
+                new, stop = new[:i + 1], "eos"
+                break
+        room = self.cfg.max_new_tokens - len(self.tokens)
+        if len(new) >= room:
+            new, stop = new[:room], stop or "max_new_tokens"
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.tokens += new
+        if self.on_tokens is not None and new and self.on_tokens(new):
+            stop = stop or "stop_string"
+        self.stats.stop_reason = stop
+        return bool(stop)
+
+    def finish(self) -> GenerationResult:
+        now = time.perf_counter()
+        s = self.stats
+        s.generated_tokens = len(self.tokens)
+        s.time_to_first_token_s = (self.t_first or now) - self.t_start
+        s.decode_time_s = now - (self.t_first or now)
+        s.decode_tokens_per_s = (len(self.tokens) - 1) / s.decode_time_s if s.decode_time_s > 0 else 0.0
+        return GenerationResult(self.tokens, s)
+
+
+def check_prompt(prompt: Sequence[int], max_seq_len: int) -> None:
+    if not prompt:
+        raise UserError("the prompt is empty and the tokenizer has no BOS token; pass a non-empty --prompt.")
+    if len(prompt) >= max_seq_len:
+        raise UserError(f"the prompt has {len(prompt)} tokens but the cache holds {max_seq_len} positions; "
+                        f"shorten the prompt or export with a larger --max-seq-len.")
+
+
+def prefill(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -> torch.Tensor:
+    """The prompt through draft then verify, in chunks the backend accepts: logits of its last token."""
+    step = backend.max_tokens_per_call
+    for start in range(0, len(prompt), step):
+        chunk = prompt[start:start + step]
+        calls.draft(chunk, start)
+        logits = calls.verify(start, len(chunk))
+    return logits[-1]
+
+
+def prefill_full(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -> torch.Tensor:
+    step = backend.max_tokens_per_call
+    for start in range(0, len(prompt), step):
+        logits = calls.forward(prompt[start:start + step], start)
+    return logits
+
+
+def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
+             on_tokens: Optional[Callable[[list[int]], Optional[bool]]] = None) -> GenerationResult:
+    """Decode after `prompt` (token ids). `on_tokens(new_ids)` streams tokens and may return True to stop."""
+    check_prompt(prompt, backend.max_seq_len)
+    if cfg.full_model_baseline and not has_full_model(backend):
+        raise UserError(f"the {backend.name} backend has no full-model method; drop --full-model.")
+    backend.reset()
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    calls = TimedBackend(backend, stats)
+    chooser = TokenChooser(cfg)
+    out = Emitter(cfg, stats, on_tokens)
+    logits = prefill_full(calls, backend, prompt) if cfg.full_model_baseline else prefill(calls, backend, prompt)
+    token, _ = chooser.choose(logits)
+    pos = len(prompt)  # position of `token`, the last emitted one, not yet in the caches
+    done = out.emit([token])
+    while not done:
+        if pos >= backend.max_seq_len:
+            stats.stop_reason = "max_seq_len"
+            break
+        room = backend.max_seq_len - 1 - pos  # drafts must fit at positions pos+1 .. pos+d
+        if cfg.self_speculative and room > 0:
+            accepted, new = speculative_step(calls, chooser, token, pos, min(cfg.num_speculations, room))
+        else:
+            accepted, new = autoregressive_step(calls, chooser, token, pos, cfg.full_model_baseline)
+        stats.steps += 1
+        stats.tokens_per_step[len(new)] = stats.tokens_per_step.get(len(new), 0) + 1
+        pos += accepted + 1
+        token = new[-1]
+        done = out.emit(new)
+    return out.finish()
+
+
+def autoregressive_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int,
+                        full_model: bool) -> tuple[int, list[int]]:
+    if full_model:
+        logits = calls.forward([token], pos)
+    else:
+        calls.draft([token], pos)
+        logits = calls.verify(pos, 1)[0]
+    return 0, [chooser.choose(logits)[0]]
+
+
+def speculative_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int,
+                     d: int) -> tuple[int, list[int]]:
+    drafts, draft_probs = [], []
+    x = token
+    for k in range(d):
+        x, q = chooser.choose(calls.draft([x], pos + k))
+        drafts.append(x)
+        draft_probs.append(q)
+    calls.draft([x], pos + d)  # the last draft through layers < E, so verify reads only cached activations
+    accepted, new = chooser.accept(drafts, draft_probs, calls.verify(pos, d + 1))
+    calls.stats.drafted += d
+    calls.stats.accepted += accepted
+    return accepted, new

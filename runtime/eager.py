@@ -1,0 +1,52 @@
+"""The eager PyTorch backend: the reference every exported backend is compared against."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from models.model import Transformer
+from runtime.backend import exit_cache, last_row
+
+
+class EagerBackend:
+    name = "eager"
+
+    def __init__(self, model: Transformer, exit_layer: int, max_seq_len: int):
+        model.config.check_exit_layer(exit_layer)
+        self.model = model.eval()
+        self.exit_layer = exit_layer
+        self.num_layers = model.config.num_hidden_layers
+        self.max_seq_len = max_seq_len
+        self.max_tokens_per_call = max_seq_len
+        model.setup_caches(max_seq_len, dtype=torch.float32)
+        self.exit_cache = exit_cache(max_seq_len, model.config.hidden_size)
+
+    @staticmethod
+    def _inputs(tokens: Sequence[int], pos: int):
+        return torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([pos], dtype=torch.long)
+
+    @torch.inference_mode()
+    def draft(self, tokens, pos):
+        tokens_t, pos_t = self._inputs(tokens, pos)
+        out = self.model.prefix(tokens_t, pos_t, self.exit_layer, logits="last")
+        self.exit_cache[pos:pos + len(tokens)] = out.hidden[0]
+        return last_row(out.logits)
+
+    @torch.inference_mode()
+    def verify(self, pos, count):
+        hidden = self.exit_cache[pos:pos + count][None]  # [1, count, dim]
+        return self.model.suffix(hidden, torch.tensor([pos]), self.exit_layer)[0]
+
+    @torch.inference_mode()
+    def forward(self, tokens, pos):
+        tokens_t, pos_t = self._inputs(tokens, pos)
+        return last_row(self.model(tokens_t, pos_t))
+
+    def reset(self):
+        # Stale positions are masked out and overwritten, so zeroing is for hygiene, not correctness.
+        for cache in self.model.caches:
+            cache.k.zero_()
+            cache.v.zero_()
+        self.exit_cache.zero_()

@@ -1,0 +1,77 @@
+"""The ExecuTorch backend: runs the draft / verify / forward methods of a .pte through executorch.runtime."""
+
+from __future__ import annotations
+
+import torch
+
+from export.manifest import Manifest, check_fact
+from models.errors import UserError
+from runtime.backend import exit_cache
+
+
+def load_program(path):
+    """The program, with the kernels our graphs use registered (custom cache/SDPA ops, quantized ops)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.runtime import Runtime
+
+    try:
+        return Runtime.get().load_program(path)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"'{path}' is not a loadable ExecuTorch program ({str(e).splitlines()[0]}); "
+                        f"it is corrupt or from another version: re-export it.") from None
+
+
+class ExecuTorchBackend:
+    name = "executorch"
+
+    def __init__(self, manifest: Manifest, threads: int = 0):
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(threads)
+        self.program = load_program(manifest.path("program"))
+        for fact, expected in (("exit_layer", manifest.exit_layer), ("max_seq_len", manifest.max_seq_len),
+                               ("max_tokens_per_call", manifest.max_tokens_per_call)):
+            check_fact(manifest, fact, self._constant(fact), expected)
+        self.exit_layer = manifest.exit_layer
+        self.num_layers = manifest.config.num_hidden_layers
+        self.max_seq_len = manifest.max_seq_len
+        self.max_tokens_per_call = manifest.max_tokens_per_call
+        self._draft = self._method("draft")
+        self._verify = self._method("verify")
+        self._forward = None  # the full-model method is loaded only when used: it packs every weight again
+        self.exit_cache = exit_cache(self.max_seq_len, manifest.config.hidden_size)
+
+    def _constant(self, name: str):
+        if name not in self.program.method_names:
+            return None
+        return self._method(name).execute([])[0]
+
+    def _method(self, name: str):
+        try:
+            return self.program.load_method(name)
+        except (RuntimeError, KeyError) as e:
+            raise UserError(f"the .pte has no loadable method '{name}' ({e}); re-export the artifact.") from None
+
+    @staticmethod
+    def _inputs(tokens, pos):
+        return torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([pos], dtype=torch.long)
+
+    def draft(self, tokens, pos):
+        hidden, logits = self._draft.execute(self._inputs(tokens, pos))
+        self.exit_cache[pos:pos + len(tokens)] = hidden[0]
+        return logits[0]
+
+    def verify(self, pos, count):
+        hidden = self.exit_cache[pos:pos + count][None]  # [1, count, dim], contiguous
+        return self._verify.execute((hidden, torch.tensor([pos], dtype=torch.long)))[0][0]
+
+    def forward(self, tokens, pos):
+        if self._forward is None:
+            self._forward = self._method("forward")
+        return self._forward.execute(self._inputs(tokens, pos))[0][0]
+
+    def reset(self):
+        # The custom SDPA attends only to positions < start + T, so stale cache rows need no clearing.
+        self.exit_cache.zero_()

@@ -1,0 +1,77 @@
+"""Open a backend from a checkpoint directory (eager) or an exported artifact directory (.pte / .onnx)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from models.checkpoint import DEFAULT_MODEL_DIR, load_model, read_checkpoint
+from models.errors import UserError
+from models.tokenizer import TextTokenizer
+
+DEFAULT_DRAFT_LENGTH = 4
+
+
+@dataclass
+class Opened:
+    backend: object  # a runtime.backend.Backend
+    tokenizer: TextTokenizer
+    eos_token_ids: list[int]
+    num_speculations: int  # the recommended or requested d
+    facts: dict = field(default_factory=dict)  # what was opened, for JSON records
+
+
+def recommended_exit_layer(recommended: dict, requested: Optional[int], source: str) -> int:
+    if requested is not None:
+        return requested
+    if "exit_layer" not in recommended:
+        raise UserError(f"{source} records no recommended exit layer; pass --exit-layer E.")
+    return int(recommended["exit_layer"])
+
+
+def open_checkpoint(model_dir: Optional[Path | str] = None, exit_layer: Optional[int] = None,
+                    num_speculations: Optional[int] = None, max_seq_len: Optional[int] = None,
+                    threads: int = 0) -> Opened:
+    """The eager PyTorch backend on a Hugging Face checkpoint directory (default: the shipped model)."""
+    from runtime.eager import EagerBackend
+
+    model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
+    if threads:
+        torch.set_num_threads(threads)
+    ckpt = read_checkpoint(model_dir)
+    exit_layer = recommended_exit_layer(ckpt.recommended, exit_layer, f"checkpoint '{model_dir}'")
+    ckpt.config.check_exit_layer(exit_layer)
+    max_seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 2048)
+    if max_seq_len < 2:
+        raise UserError(f"--max-seq-len {max_seq_len} must be >= 2.")
+    model, ckpt = load_model(model_dir)
+    backend = EagerBackend(model, exit_layer, max_seq_len)
+    d = num_speculations if num_speculations is not None else int(
+        ckpt.recommended.get("num_speculations", DEFAULT_DRAFT_LENGTH))
+    facts = {"backend": "eager", "model": str(model_dir), "exit_layer": exit_layer, "max_seq_len": max_seq_len}
+    return Opened(backend, TextTokenizer(ckpt.tokenizer_path, ckpt.bos_token_id), ckpt.eos_token_ids, d, facts)
+
+
+def open_artifact(artifact_dir: Path | str, provider: str = "cpu", threads: int = 0,
+                  exit_layer: Optional[int] = None, num_speculations: Optional[int] = None) -> Opened:
+    """The backend an exported artifact directory holds, checked against its manifest."""
+    from export.manifest import read_manifest
+
+    manifest = read_manifest(artifact_dir)
+    if exit_layer is not None and exit_layer != manifest.exit_layer:
+        raise UserError(f"artifact '{artifact_dir}' was exported with exit layer {manifest.exit_layer}; "
+                        f"drop --exit-layer or re-export with --exit-layer {exit_layer}.")
+    if manifest.format == "pte":
+        from runtime.executorch_backend import ExecuTorchBackend
+
+        backend = ExecuTorchBackend(manifest, threads=threads)
+    else:
+        from runtime.onnx_backend import OnnxBackend
+
+        backend = OnnxBackend(manifest, provider=provider, threads=threads)
+    tokenizer = TextTokenizer(manifest.directory / "tokenizer.json", manifest.bos_token_id)
+    d = num_speculations if num_speculations is not None else manifest.num_speculations
+    return Opened(backend, tokenizer, manifest.eos_token_ids, d, manifest.summary())

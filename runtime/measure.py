@@ -1,0 +1,184 @@
+"""Measurements the benchmark is made of: decoding passes, per-call latency, peak RSS, peers."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from runtime.decoding import GenerationConfig, generate
+
+MODES = ("ar", "ar_full", "spec")  # autoregressive via draft+verify, via the full-model call, self-speculative
+
+
+def mode_config(mode: str, d: int, max_new_tokens: int, eos: tuple[int, ...]) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, self_speculative=mode == "spec", num_speculations=d,
+                            full_model_baseline=mode == "ar_full", eos_token_ids=eos)
+
+
+@dataclass
+class Pass:
+    """One pass of a prompt set in one mode."""
+
+    decode_tokens_per_s: float
+    ttft_ms_median: float
+    generated: int
+    acceptance_rate: float
+    mean_tokens_per_step: float
+    histogram: dict
+    draft_ms_per_call: float
+    verify_ms_per_call: float
+    tokens: list  # per prompt, for the exactness check
+
+
+def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:
+    decode_tokens = decode_s = drafted = accepted = steps = emitted = 0.0
+    draft_calls = verify_calls = draft_s = verify_s = 0.0
+    ttfts, tokens, hist = [], [], {}
+    for ids in prompts:
+        result = generate(backend, ids, cfg)
+        s = result.stats
+        decode_tokens += s.generated_tokens - 1
+        decode_s += s.decode_time_s
+        ttfts.append(s.time_to_first_token_s * 1000)
+        drafted, accepted, steps = drafted + s.drafted, accepted + s.accepted, steps + s.steps
+        emitted += sum(k * v for k, v in s.tokens_per_step.items())
+        for k, v in s.tokens_per_step.items():
+            hist[k] = hist.get(k, 0) + v
+        draft_calls, verify_calls = draft_calls + s.draft_calls, verify_calls + s.verify_calls + s.full_calls
+        draft_s, verify_s = draft_s + s.draft_time_s, verify_s + s.verify_time_s + s.full_time_s
+        tokens.append(result.tokens)
+    return Pass(decode_tokens / decode_s if decode_s else 0.0, statistics.median(ttfts), int(decode_tokens),
+                accepted / drafted if drafted else 0.0, emitted / steps if steps else 0.0,
+                {str(k): v for k, v in sorted(hist.items())},
+                1000 * draft_s / draft_calls if draft_calls else 0.0,
+                1000 * verify_s / verify_calls if verify_calls else 0.0, tokens)
+
+
+def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eos: tuple[int, ...],
+              repeats: int, modes=MODES) -> dict:
+    """Each mode `repeats` times, interleaved, after one warm-up prompt each; medians and every repeat."""
+    modes = [m for m in modes if m != "ar_full" or callable(getattr(backend, "forward", None))]
+    cfgs = {m: mode_config(m, d, max_new_tokens, eos) for m in modes}
+    for m in modes:
+        generate(backend, prompts[0], cfgs[m])  # warm-up: first-call allocation, weight packing
+    runs = {m: [] for m in modes}
+    for _ in range(repeats):
+        for m in modes:
+            runs[m].append(run_pass(backend, prompts, cfgs[m]))
+    out = {}
+    for m, passes in runs.items():
+        best = sorted(passes, key=lambda p: p.decode_tokens_per_s)[len(passes) // 2]  # the median pass
+        out[m] = {"decode_tokens_per_s": best.decode_tokens_per_s,
+                  "decode_tokens_per_s_repeats": [p.decode_tokens_per_s for p in passes],
+                  "ttft_ms_median": best.ttft_ms_median, "generated_tokens": best.generated,
+                  "acceptance_rate": best.acceptance_rate, "mean_tokens_per_step": best.mean_tokens_per_step,
+                  "tokens_per_step_histogram": best.histogram, "draft_ms_per_call": best.draft_ms_per_call,
+                  "verify_ms_per_call": best.verify_ms_per_call}
+    if "spec" in runs and "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
+        pairs = list(zip(runs["spec"][-1].tokens, runs["ar"][-1].tokens))
+        out["greedy_identical_fraction"] = sum(a == b for a, b in pairs) / len(pairs)
+    baselines = [out[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in out]
+    if "spec" in out and baselines:
+        out["speedup"] = out["spec"]["decode_tokens_per_s"] / max(baselines)
+        out["speedup_vs"] = "ar_full" if out.get("ar_full", {}).get("decode_tokens_per_s", 0) >= out.get(
+            "ar", {}).get("decode_tokens_per_s", 0) else "ar"
+    return out
+
+
+def greedy_tokens(backend, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:
+    return [generate(backend, ids, cfg).tokens for ids in prompts]
+
+
+# ---------------------------------------------------------------- per-call latency
+
+
+def _median_ms(fn, n: int) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def per_call_latency(backend, d: int, position: int = 200, n: int = 100) -> dict:
+    """Median latency of each call at a fixed position, after a prompt fills the caches below it."""
+    position = min(position, backend.max_seq_len - d - 2)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(2, 200, size=position).tolist()
+    backend.reset()
+    for start in range(0, position, backend.max_tokens_per_call):
+        chunk = prompt[start:start + backend.max_tokens_per_call]
+        backend.draft(chunk, start)
+        backend.verify(start, len(chunk))
+    backend.draft([5] * (d + 1), position)  # the exit cache rows verify reads
+    out = {"draft_1": _median_ms(lambda: backend.draft([5], position), n)}
+    for t in sorted({1, 2, d, d + 1}):
+        out[f"verify_{t}"] = _median_ms(lambda: backend.verify(position, t), n)
+    if callable(getattr(backend, "forward", None)):
+        out["full_1"] = _median_ms(lambda: backend.forward([5], position), n)
+    out["ar_step_split"] = out["draft_1"] + out["verify_1"]
+    return out
+
+
+def predicted_speedup(calls: dict, d: int, acceptance: float) -> float:
+    """Speedup the per-call costs predict at a per-token acceptance rate (draft tokens i.i.d.)."""
+    tokens_per_step = (1 - acceptance ** (d + 1)) / (1 - acceptance) if acceptance < 1 else d + 1
+    step = (d + 1) * calls["draft_1"] + calls[f"verify_{d + 1}"]
+    ar = min(calls["ar_step_split"], calls.get("full_1", float("inf")))
+    return tokens_per_step * ar / step
+
+
+# ---------------------------------------------------------------- peak RSS, in a fresh process
+
+
+def rss_probe(spec: dict) -> Optional[float]:
+    """Peak RSS (MB) of a fresh process that opens a backend and decodes (see runtime.bench --probe)."""
+    proc = subprocess.run([sys.executable, "-m", "runtime.bench", "--probe", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"warning: RSS probe failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+# ---------------------------------------------------------------- Hugging Face transformers peers
+
+
+def hf_generate(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, eos: tuple[int, ...],
+                exit_layer: Optional[int] = None, threads: int = 0) -> dict:
+    """transformers' greedy generate, plain or with LayerSkip's assistant_early_exit, on the same checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    kwargs = dict(do_sample=False, eos_token_id=list(eos), pad_token_id=eos[0])
+    if exit_layer is not None:
+        kwargs["assistant_early_exit"] = exit_layer
+    decode_tokens = decode_s = 0.0
+    outputs = []
+    with torch.inference_mode():
+        model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, **kwargs)  # warm-up
+        for ids in prompts:
+            x = torch.tensor([ids])
+            t = time.perf_counter()
+            model.generate(x, max_new_tokens=1, **kwargs)
+            ttft = time.perf_counter() - t
+            t = time.perf_counter()
+            out = model.generate(x, max_new_tokens=max_new_tokens, **kwargs)[0, len(ids):].tolist()
+            total = time.perf_counter() - t
+            outputs.append(out)
+            decode_tokens += len(out) - 1
+            decode_s += max(total - ttft, 1e-9)
+    return {"decode_tokens_per_s": decode_tokens / decode_s, "tokens": outputs}

@@ -1,0 +1,185 @@
+"""The ONNX Runtime backend: draft.onnx / verify.onnx (and forward.onnx) with I/O binding.
+
+Nothing large is copied between calls: each layer's KV cache is one buffer bound as both the
+`past` input and the `present` output (GroupQueryAttention updates it in place), and the layer-E
+hidden states are written by `draft` straight into the exit cache and read from it by `verify`,
+by binding pointers into that buffer. With the CUDA provider those buffers live on the GPU and
+only tokens, positions and logits cross to the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import torch
+
+from export.manifest import Manifest, check_fact
+from export.to_onnx import cache_input_names, cache_output_names
+from export.methods import method_layers
+from models.errors import UserError
+
+FLOAT_BYTES = 4
+
+
+def physical_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError("--provider cuda needs onnxruntime-gpu and an NVIDIA GPU, and this onnxruntime has no "
+                        "CUDA provider: pip install '.[cuda]' on a machine with a GPU, or use --provider cpu.")
+    return ["CUDAExecutionProvider"]
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    # Two sessions take turns: a pool spinning after its call would steal the other's cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxMethod:
+    """One graph's session and a reusable I/O binding with its KV caches bound once."""
+
+    def __init__(self, manifest: Manifest, name: str, device: str, threads: int, caches: list):
+        import onnxruntime as ort
+
+        path = manifest.path(name)
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
+        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            first = str(e).splitlines()[0][:200]
+            raise UserError(f"'{path}' could not be loaded by ONNX Runtime ({first}); the artifact is corrupt "
+                            f"or incomplete: re-export it.") from None
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise UserError("ONNX Runtime could not start its CUDA provider: no usable NVIDIA GPU was found; "
+                            "use --provider cpu.")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        check_fact(manifest, f"{name}.onnx exit_layer", int(meta["layerskip.exit_layer"]), manifest.exit_layer)
+        check_fact(manifest, f"{name}.onnx max_seq_len", int(meta["layerskip.max_seq_len"]), manifest.max_seq_len)
+        self.binding = self.session.io_binding()
+        self.present_names = cache_output_names(method_layers(name, manifest.exit_layer,
+                                                              manifest.config.num_hidden_layers))
+        self.layers = method_layers(name, manifest.exit_layer, manifest.config.num_hidden_layers)
+        self.shared_cache = meta.get("layerskip.kv_cache", "gqa") == "gqa"
+        for i, past, present in zip([l for l in self.layers for _ in (0, 1)], cache_input_names(self.layers),
+                                    cache_output_names(self.layers)):
+            buffer = caches[i][0 if past.startswith("past_key") else 1]
+            self.binding.bind_ortvalue_input(past, buffer)
+            if self.shared_cache:
+                self.binding.bind_ortvalue_output(present, buffer)
+            else:
+                self.binding.bind_output(present, "cpu")
+
+    def bind_input(self, name: str, array: np.ndarray) -> None:
+        self.binding.bind_cpu_input(name, array)
+
+    def bind_pointer(self, name: str, is_output: bool, device: str, shape, pointer: int) -> None:
+        bind = self.binding.bind_output if is_output else self.binding.bind_input
+        bind(name, device, 0, np.float32, list(shape), pointer)
+
+    def run(self) -> None:
+        if not self.shared_cache:  # new rows have a new shape each call: let ONNX Runtime allocate them
+            for name in self.present_names:
+                self.binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+
+    def write_new_rows(self, caches: list, pos: int) -> None:
+        """For graphs without the shared-buffer op: copy the new K/V rows into the host caches."""
+        if self.shared_cache:
+            return
+        outputs = self.binding.get_outputs()[:2 * len(self.layers)]  # in binding order: the caches came first
+        for j, i in enumerate(self.layers):
+            for kv in (0, 1):
+                new = outputs[2 * j + kv].numpy()  # [1, H_kv, T, D]
+                host = np.ctypeslib.as_array(ctypes.cast(caches[i][kv].data_ptr(), ctypes.POINTER(ctypes.c_float)),
+                                             shape=caches[i][kv].shape())
+                host[:, :, pos:pos + new.shape[2]] = new
+
+
+class OnnxBackend:
+    def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int = 0):
+        import onnxruntime as ort
+
+        self.name = f"onnxruntime-{provider}"
+        self.device = provider
+        self.threads = threads
+        self.manifest = manifest
+        c = manifest.config
+        self.exit_layer = manifest.exit_layer
+        self.num_layers = c.num_hidden_layers
+        self.max_seq_len = manifest.max_seq_len
+        self.max_tokens_per_call = manifest.max_tokens_per_call
+        self.dim = c.hidden_size
+        providers_for(provider)  # a clear error before any allocation
+        self._host_arrays: dict[int, np.ndarray] = {}
+        shape = [1, c.num_key_value_heads, self.max_seq_len, c.head_dim]
+        self.caches = [(self._buffer(ort, shape), self._buffer(ort, shape)) for _ in range(self.num_layers)]
+        self.exit_cache = self._buffer(ort, [self.max_seq_len, self.dim])
+        self.logits = np.zeros((self.max_tokens_per_call, c.vocab_size), np.float32)
+        self._draft = OnnxMethod(manifest, "draft", provider, threads, self.caches)
+        self._verify = OnnxMethod(manifest, "verify", provider, threads, self.caches)
+        self._forward = None  # loaded when first used: it holds every weight again
+
+    def _buffer(self, ort, shape):
+        if self.device == "cpu":
+            host = np.zeros(shape, np.float32)
+            self._host_arrays[id(host)] = host  # an OrtValue made from numpy borrows its memory: keep it alive
+            return ort.OrtValue.ortvalue_from_numpy(host)
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
+
+    def _exit_rows(self, pos: int) -> int:
+        return self.exit_cache.data_ptr() + pos * self.dim * FLOAT_BYTES
+
+    def _bind_logits(self, method: OnnxMethod, shape) -> None:
+        method.bind_pointer("logits", True, "cpu", shape, self.logits.ctypes.data)
+
+    def draft(self, tokens, pos):
+        t = len(tokens)
+        m = self._draft
+        m.bind_input("tokens", np.asarray([tokens], np.int64))
+        m.bind_input("input_pos", np.asarray([pos], np.int64))
+        m.bind_pointer("hidden", True, self.device, (1, t, self.dim), self._exit_rows(pos))
+        self._bind_logits(m, (1, self.logits.shape[1]))
+        m.run()
+        m.write_new_rows(self.caches, pos)
+        return torch.from_numpy(self.logits[0])  # a view, valid until the next call
+
+    def verify(self, pos, count):
+        m = self._verify
+        m.bind_pointer("hidden", False, self.device, (1, count, self.dim), self._exit_rows(pos))
+        m.bind_input("input_pos", np.asarray([pos], np.int64))
+        self._bind_logits(m, (1, count, self.logits.shape[1]))
+        m.run()
+        m.write_new_rows(self.caches, pos)
+        return torch.from_numpy(self.logits[:count])
+
+    def forward(self, tokens, pos):
+        if self._forward is None:
+            self._forward = OnnxMethod(self.manifest, "forward", self.device, self.threads, self.caches)
+        m = self._forward
+        m.bind_input("tokens", np.asarray([tokens], np.int64))
+        m.bind_input("input_pos", np.asarray([pos], np.int64))
+        self._bind_logits(m, (1, self.logits.shape[1]))
+        m.run()
+        m.write_new_rows(self.caches, pos)
+        return torch.from_numpy(self.logits[0])
+
+    def reset(self):
+        pass  # attention reads only positions below the current one: stale rows are never seen

@@ -1,0 +1,165 @@
+"""The decoding loops on the eager backend: exactness of greedy, rollback, and sampling's distribution."""
+
+import copy
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from conftest import tiny_model
+from models.errors import UserError
+from runtime import decoding
+from runtime.decoding import GenerationConfig, generate
+from runtime.eager import EagerBackend
+
+PROMPT = [0, 5, 9, 33, 70]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def autoregressive_tokens(model):
+    return generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=150, self_speculative=False)).tokens
+
+
+@pytest.mark.parametrize("exit_layer,d", [(1, 1), (1, 4), (2, 3), (3, 2), (3, 6)])
+def test_greedy_self_speculation_equals_autoregressive(model, autoregressive_tokens, exit_layer, d):
+    result = generate(EagerBackend(model, exit_layer, 256), PROMPT, GenerationConfig(max_new_tokens=150, num_speculations=d))
+    assert result.tokens == autoregressive_tokens
+    hist = result.stats.tokens_per_step
+    assert hist.get(1, 0) > 0, "expected some steps with every draft rejected"
+    if exit_layer >= 2:
+        assert hist.get(d + 1, 0) > 0, "expected some steps with every draft accepted"
+    assert result.stats.draft_calls == (d + 1) * result.stats.steps + 1  # + 1: the prompt
+
+
+def test_full_model_baseline_equals_split_autoregressive(model, autoregressive_tokens):
+    result = generate(EagerBackend(model, 2, 256), PROMPT,
+                      GenerationConfig(max_new_tokens=150, self_speculative=False, full_model_baseline=True))
+    assert result.tokens == autoregressive_tokens
+    assert result.stats.full_calls == 150 and result.stats.draft_calls == 0
+
+
+def test_rollback_leaves_the_cache_of_a_fresh_autoregressive_run(model):
+    d = 4
+    spec = EagerBackend(copy.deepcopy(model), 2, 256)
+
+    def stop_after_partial_rejection(new):
+        return 1 < len(new) < d + 1
+
+    result = generate(spec, PROMPT, GenerationConfig(max_new_tokens=200, num_speculations=d),
+                      on_tokens=stop_after_partial_rejection)
+    assert result.stats.stop_reason == "stop_string"
+    ar = EagerBackend(copy.deepcopy(model), 2, 256)
+    assert generate(ar, PROMPT, GenerationConfig(max_new_tokens=len(result.tokens), self_speculative=False)).tokens \
+        == result.tokens
+    valid = len(PROMPT) + len(result.tokens) - 1  # the last emitted token is not in the cache yet
+    for spec_cache, ar_cache in zip(spec.model.caches, ar.model.caches):
+        assert torch.allclose(spec_cache.k[:, :, :valid], ar_cache.k[:, :, :valid], atol=1e-5)
+        assert torch.allclose(spec_cache.v[:, :, :valid], ar_cache.v[:, :, :valid], atol=1e-5)
+    # the rejected drafts' rows are still there, stale: rollback moved the position, nothing else
+    assert spec.model.caches[0].k[:, :, valid + 1].abs().sum() > 0
+    assert ar.model.caches[0].k[:, :, valid + 1].abs().sum() == 0
+
+
+def test_generation_stops_cleanly_at_the_cache_end(model):
+    result = generate(EagerBackend(model, 2, 24), PROMPT, GenerationConfig(max_new_tokens=100, num_speculations=4))
+    assert result.stats.stop_reason == "max_seq_len"
+    assert len(PROMPT) + len(result.tokens) == 24 + 1  # the token after position 23 is still emitted
+
+
+def test_eos_stops_and_is_kept(model, autoregressive_tokens):
+    eos = autoregressive_tokens[10]
+    result = generate(EagerBackend(model, 2, 256), PROMPT,
+                      GenerationConfig(max_new_tokens=150, num_speculations=3, eos_token_ids=(eos,)))
+    assert result.tokens == autoregressive_tokens[:autoregressive_tokens.index(eos) + 1]
+    assert result.stats.stop_reason == "eos"
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def exact_second_token_distribution(model, prompt, cfg):
+    """p(x2) = sum over x1 of p(x1 | prompt) p(x2 | prompt, x1), with the same temperature/top-k/top-p."""
+    with torch.no_grad():
+        first = decoding.filtered_probs(model(torch.tensor([prompt]), torch.tensor([0]))[0, -1], cfg)
+        total = torch.zeros_like(first)
+        for x1 in range(len(first)):
+            logits = model(torch.tensor([prompt + [x1]]), torch.tensor([0]))[0, -1]
+            total += first[x1] * decoding.filtered_probs(logits, cfg)
+    return total.numpy()
+
+
+def second_tokens(model, cfg, n, prompt):
+    backend = EagerBackend(model, 1, 64)
+    counts = np.zeros(model.config.vocab_size)
+    for seed in range(n):
+        tokens = generate(backend, prompt, GenerationConfig(**{**cfg.__dict__, "seed": seed})).tokens
+        counts[tokens[1]] += 1
+    return counts
+
+
+def goodness_of_fit(observed, exact) -> float:
+    """Chi-square p-value of observed counts against an exact distribution (0 if off its support)."""
+    support = exact > 1e-9
+    if observed[~support].sum() > 0:
+        return 0.0
+    expected = exact[support].astype(np.float64)
+    return chisquare(observed[support], expected / expected.sum() * observed.sum()).pvalue
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model():
+    torch.manual_seed(3)
+    return tiny_model(seed=3, agreeable=False, vocab_size=12, num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_k=6, top_p=0.9)])
+def test_self_speculative_sampling_keeps_the_distribution(small_vocab_model, settings):
+    prompt = [3, 7]
+    cfg = GenerationConfig(max_new_tokens=2, num_speculations=2, **settings)
+    exact = exact_second_token_distribution(small_vocab_model, prompt, cfg)
+    observed = second_tokens(small_vocab_model, cfg, 2000, prompt)
+    assert goodness_of_fit(observed, exact) > 1e-3
+    ar = second_tokens(small_vocab_model, GenerationConfig(**{**cfg.__dict__, "self_speculative": False}), 2000, prompt)
+    assert goodness_of_fit(ar, exact) > 1e-3
+
+
+def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
+    """The test above can fail: accepting every draft samples the exit layer's distribution instead."""
+    prompt = [3, 7]
+    cfg = GenerationConfig(max_new_tokens=2, num_speculations=2, temperature=1.0)
+    exact = exact_second_token_distribution(small_vocab_model, prompt, cfg)
+    original = decoding.TokenChooser.accept
+
+    def accept_everything(self, drafts, draft_probs, verify_logits):
+        n, new = original(self, drafts, draft_probs, verify_logits)
+        return len(drafts), drafts + [new[-1]]
+
+    monkeypatch.setattr(decoding.TokenChooser, "accept", accept_everything)
+    observed = second_tokens(small_vocab_model, cfg, 2000, prompt)
+    assert goodness_of_fit(observed, exact) < 1e-6
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_generation_settings_are_user_errors():
+    for bad in (dict(num_speculations=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0),
+                dict(top_k=-2)):
+        with pytest.raises(UserError):
+            GenerationConfig(**bad)
+
+
+@pytest.mark.parametrize("exit_layer", [0, 4, -1])
+def test_exit_layer_out_of_range(model, exit_layer):
+    with pytest.raises(UserError, match="between 1 and 3"):
+        EagerBackend(model, exit_layer, 64)
+
+
+def test_prompt_longer_than_the_cache(model):
+    with pytest.raises(UserError, match="prompt has 40 tokens but the cache holds 32"):
+        generate(EagerBackend(model, 2, 32), list(range(40)), GenerationConfig())

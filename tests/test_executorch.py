@@ -1,0 +1,177 @@
+"""The .pte artifact: numerics against eager, exact self-speculation, weights stored once, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from export.manifest import read_manifest
+from export.pipeline import ExportConfig, run_export
+from exported import PROMPT, call_sequence, eager_reference, max_diff
+from models.errors import UserError
+from runtime.decoding import GenerationConfig, generate
+from runtime.loader import open_artifact
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def export(checkpoint, out, **kw):
+    return run_export(ExportConfig(model=checkpoint, out=out, max_seq_len=128, max_tokens_per_call=16, **kw))[0]
+
+
+@pytest.fixture(scope="module")
+def fp32_pte(tiny_checkpoint, tmp_path_factory):
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("fp32"))
+
+
+@pytest.fixture(scope="module")
+def int4_pte(tiny_checkpoint, tmp_path_factory):
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("int4"), quant="int4", group_size=32)
+
+
+def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, fp32_pte):
+    expected = eager_reference(tiny_checkpoint, fp32_pte.exit_layer, fp32_pte.max_seq_len)
+    got = call_sequence(open_artifact(fp32_pte.directory).backend)
+    assert max_diff(got, expected) <= 1e-4
+
+
+def test_full_model_method_matches_eager(tiny_checkpoint, fp32_pte):
+    backend = open_artifact(fp32_pte.directory).backend
+    from models.checkpoint import load_model
+
+    model, _ = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        expected = model(torch.tensor([PROMPT]), torch.tensor([0]))[0, -1]
+    assert (backend.forward(PROMPT, 0) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["fp32_pte", "int4_pte"])
+def test_greedy_self_speculation_equals_autoregressive_on_the_pte(which, request):
+    opened = open_artifact(request.getfixturevalue(which).directory)
+    ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False))
+    full = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False,
+                                                             full_model_baseline=True))
+    spec = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3))
+    assert spec.tokens == ar.tokens == full.tokens
+    assert spec.stats.accepted > 0 and spec.stats.accepted < spec.stats.drafted
+
+
+def test_int4_pte_matches_the_torchao_quantized_eager_model(tiny_checkpoint, int4_pte):
+    """The lowering is faithful to torchao's 8da4w numerics (XNNPACK's int8 activation rounding aside)."""
+    from models.checkpoint import load_model
+    from quant.torchao_schemes import quantize_model
+    from runtime.eager import EagerBackend
+
+    model, _ = load_model(tiny_checkpoint)
+    quantize_model(model, "int4", 32)
+    expected = call_sequence(EagerBackend(model, int4_pte.exit_layer, int4_pte.max_seq_len))
+    got = call_sequence(open_artifact(int4_pte.directory).backend)
+    scale = max(float(e.abs().max()) for e in expected)
+    assert max_diff(got, expected) <= 0.08 * scale
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_weights_are_stored_once(wide_checkpoint, tmp_path, quant):
+    """Draft and verify methods sharing weights cost no more than the full model alone as one method (+2%)."""
+    split = export(wide_checkpoint, tmp_path / "split", quant=quant, methods=("draft", "verify"))
+    full = export(wide_checkpoint, tmp_path / "full", quant=quant, methods=("forward",))
+    assert split.file_sizes["model.pte"] <= 1.02 * full.file_sizes["model.pte"]
+
+
+def used_parameters(program) -> set[str]:
+    """Parameters whose placeholder feeds some node of the traced graph."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    return {spec.target for spec in program.graph_signature.input_specs
+            if spec.target and spec.arg.name in placeholders and placeholders[spec.arg.name].users
+            and spec.target in program.graph_signature.parameters}
+
+
+def test_verify_method_holds_no_prefix_weights(tiny_checkpoint):
+    from export.to_pte import trace, use_custom_kv_cache
+    from models.checkpoint import load_model
+
+    model, _ = load_model(tiny_checkpoint)
+    use_custom_kv_cache(model, 64)
+    programs = trace(model, ["draft", "verify"], exit_layer=2, max_tokens=8)
+    verify_params, draft_params = used_parameters(programs["verify"]), used_parameters(programs["draft"])
+    assert not any(p.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens")) for p in verify_params)
+    assert any(p.startswith("model.layers.2.") for p in verify_params)
+    assert not any(p.startswith(("model.layers.2.", "model.layers.3.")) for p in draft_params)
+    assert {"model.lm_head.weight", "model.norm.weight"} <= verify_params & draft_params
+
+
+def test_manifest_records_the_runtime_facts(fp32_pte):
+    m = read_manifest(fp32_pte.directory)
+    assert (m.exit_layer, m.num_speculations, m.max_seq_len, m.bos_token_id, m.eos_token_ids) == (2, 3, 128, 0, [1])
+    assert m.methods == ["draft", "verify", "forward"] and len(m.source["sha256"]) == 16
+    assert {"torch", "executorch", "torchao"} <= set(m.versions)
+    assert (m.directory / "tokenizer.json").exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_truncated_pte_is_refused(fp32_pte, tmp_path):
+    copy = shutil.copytree(fp32_pte.directory, tmp_path / "art")
+    data = (copy / "model.pte").read_bytes()
+    (copy / "model.pte").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        open_artifact(copy)
+
+
+def test_corrupt_pte_of_the_right_size_is_refused(fp32_pte, tmp_path):
+    copy = shutil.copytree(fp32_pte.directory, tmp_path / "art")
+    data = bytearray((copy / "model.pte").read_bytes())
+    data[:64] = b"\0" * 64
+    (copy / "model.pte").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="not a loadable ExecuTorch program"):
+        open_artifact(copy)
+
+
+def test_missing_manifest_is_refused(fp32_pte, tmp_path):
+    copy = shutil.copytree(fp32_pte.directory, tmp_path / "art")
+    (copy / "manifest.json").unlink()
+    with pytest.raises(UserError, match="has no manifest.json"):
+        open_artifact(copy)
+
+
+def test_manifest_that_does_not_match_the_pte_is_refused(fp32_pte, tmp_path):
+    copy = shutil.copytree(fp32_pte.directory, tmp_path / "art")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["exit_layer"] = 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="does not match its manifest: exit_layer is 2"):
+        open_artifact(copy)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--exit-layer", "4"], "exit layer 4 is out of range"),
+    (["--quant", "int3"], "unknown quantization scheme 'int3'"),
+    (["--model", "/nonexistent"], "Checkpoint directory '/nonexistent' does not exist"),
+])
+def test_export_cli_rejects_bad_input_in_one_line(tiny_checkpoint, tmp_path, flags, message):
+    args = ["--model", str(tiny_checkpoint), "--out", str(tmp_path)] + flags
+    proc = subprocess.run([sys.executable, "export.py", *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_failed_export_leaves_the_existing_artifact_untouched(tiny_checkpoint, fp32_pte, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(fp32_pte.directory, out / "pte")
+    before = (out / "pte" / "model.pte").read_bytes()
+    import export.to_pte as to_pte
+
+    def broken_lower(*args, **kwargs):
+        raise RuntimeError("simulated failure while lowering")
+
+    monkeypatch.setattr(to_pte, "lower", broken_lower)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export(tiny_checkpoint, out)
+    assert (out / "pte" / "model.pte").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["pte"]  # no temporary directory left behind

@@ -1,0 +1,122 @@
+"""The .onnx artifact: numerics against eager, exact self-speculation, weights stored once, bad input."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+
+from export.pipeline import ExportConfig, run_export
+from exported import PROMPT, call_sequence, eager_reference, max_diff
+from models.errors import UserError
+from runtime.decoding import GenerationConfig, generate
+from runtime.loader import open_artifact
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def export(checkpoint, out, **kw):
+    return run_export(ExportConfig(model=checkpoint, out=out, backend="onnx", max_seq_len=128,
+                                   max_tokens_per_call=16, **kw))[0]
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tiny_checkpoint, tmp_path_factory):
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx32"))
+
+
+@pytest.fixture(scope="module")
+def int4_onnx(tiny_checkpoint, tmp_path_factory):
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx4"), quant="int4")
+
+
+def test_graphs_pass_the_checker_and_use_the_shared_buffer_attention(fp32_onnx):
+    for name in ("draft", "verify", "forward"):
+        path = fp32_onnx.path(name)
+        onnx.checker.check_model(str(path))
+        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        assert "GroupQueryAttention" in ops
+
+
+def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, fp32_onnx):
+    expected = eager_reference(tiny_checkpoint, fp32_onnx.exit_layer, fp32_onnx.max_seq_len)
+    got = call_sequence(open_artifact(fp32_onnx.directory).backend)
+    assert max_diff(got, expected) <= 1e-4
+
+
+def test_standard_ops_cache_variant_matches_eager(tiny_checkpoint, tmp_path):
+    """The `sdpa` KV-cache design (plain ONNX ops, new rows written back by the runtime) is exact too."""
+    manifest = export(tiny_checkpoint, tmp_path, methods=("draft", "verify"), onnx_kv_cache="sdpa")
+    assert manifest.extra["kv_cache"] == "sdpa"
+    expected = eager_reference(tiny_checkpoint, manifest.exit_layer, manifest.max_seq_len)
+    assert max_diff(call_sequence(open_artifact(manifest.directory).backend), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["fp32_onnx", "int4_onnx"])
+def test_greedy_self_speculation_equals_autoregressive(which, request):
+    opened = open_artifact(request.getfixturevalue(which).directory)
+    ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False))
+    full = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False,
+                                                             full_model_baseline=True))
+    spec = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3))
+    assert spec.tokens == ar.tokens == full.tokens
+    assert 0 < spec.stats.accepted < spec.stats.drafted
+
+
+def test_int4_uses_matmulnbits(int4_onnx):
+    ops = {n.op_type for n in onnx.load(str(int4_onnx.path("verify")), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_weights_are_stored_once(wide_checkpoint, tmp_path, quant):
+    """Draft and verify graphs together weigh no more than the full model alone (+2%)."""
+    split = export(wide_checkpoint, tmp_path / "split", quant=quant, methods=("draft", "verify"))
+    full = export(wide_checkpoint, tmp_path / "full", quant=quant, methods=("forward",))
+    assert split.file_sizes["weights.bin"] <= 1.02 * full.file_sizes["weights.bin"]
+    assert sum(split.file_sizes.values()) <= 1.02 * sum(full.file_sizes.values())
+
+
+def test_no_large_tensor_inside_the_graph_files(fp32_onnx):
+    for name in ("draft", "verify"):
+        proto = onnx.load(str(fp32_onnx.path(name)), load_external_data=False)
+        assert all(len(t.raw_data) < 1024 for t in proto.graph.initializer)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_corrupt_onnx_is_refused(fp32_onnx, tmp_path):
+    copy = shutil.copytree(fp32_onnx.directory, tmp_path / "art")
+    data = bytearray((copy / "draft.onnx").read_bytes())
+    data[10:200] = b"\xff" * 190
+    (copy / "draft.onnx").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="could not be loaded by ONNX Runtime"):
+        open_artifact(copy)
+
+
+def test_missing_external_data_is_refused(fp32_onnx, tmp_path):
+    copy = shutil.copytree(fp32_onnx.directory, tmp_path / "art")
+    (copy / "weights.bin").unlink()
+    with pytest.raises(UserError, match="weights.bin' is missing"):
+        open_artifact(copy)
+
+
+def test_mismatched_manifest_is_refused(fp32_onnx, tmp_path):
+    copy = shutil.copytree(fp32_onnx.directory, tmp_path / "art")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["max_seq_len"] = 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="does not match its manifest"):
+        open_artifact(copy)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(fp32_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(UserError, match="CUDA"):
+        open_artifact(fp32_onnx.directory, provider="cuda")
