@@ -1,12 +1,15 @@
 """The exported methods: thin modules around the model's own prefix/suffix functions.
 
-    draft   (tokens [1, T] long, input_pos [1] long) -> hidden [1, T, dim], logits [1, vocab] (last position)
-    verify  (hidden [1, T, dim], input_pos [1] long) -> logits [1, T, vocab]
-    forward (tokens [1, T] long, input_pos [1] long) -> logits [1, vocab] (last position; the full model)
-    forward_all (tokens, input_pos) -> logits [1, T, vocab]  (only for the two-model baseline's target)
+    draft        (tokens [1, T], input_pos [1]) -> hidden [1, T, dim], logits [1, vocab] (last position)
+    verify       (hidden [1, T, dim], input_pos [1]) -> logits [1, T, vocab]
+    forward      (tokens [1, T], input_pos [1]) -> logits [1, vocab] (last position; the full model)
+    draft_greedy (token [1, 1], input_pos [1]) -> drafts [d], hidden [1, d+1, dim]
+                 d greedy draft steps and the last draft's prefix pass in one call (static d)
+    forward_all  (tokens, input_pos) -> logits [1, T, vocab]  (only the two-model baseline's target)
 
-T is dynamic, 1 .. max_tokens_per_call. The KV caches are the model's buffers (ExecuTorch) or
-explicit inputs/outputs (ONNX); either way these modules call the same model code.
+T is dynamic, 1 .. max_tokens_per_call. Token ids and positions are int64. The KV caches are the
+model's buffers (ExecuTorch) or explicit inputs/outputs (ONNX); either way these modules call the
+same model code. Each returns a tuple of tensors.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import nn
 
 from models.model import Transformer
 
-METHODS = ("draft", "verify", "forward")
+DEFAULT_METHODS = ("draft", "verify", "forward", "draft_greedy")
 
 
 class DraftMethod(nn.Module):
@@ -27,6 +30,25 @@ class DraftMethod(nn.Module):
     def forward(self, tokens, input_pos, caches=None):
         out = self.model.prefix(tokens, input_pos, self.exit_layer, logits="last", caches=caches)
         return out.hidden, out.logits[:, -1]
+
+
+class DraftGreedyMethod(nn.Module):
+    """Greedy drafting without leaving the graph: one call instead of d + 1."""
+
+    def __init__(self, model: Transformer, exit_layer: int, draft_length: int):
+        super().__init__()
+        self.model, self.exit_layer, self.draft_length = model, exit_layer, draft_length
+
+    def forward(self, token, input_pos, caches=None):
+        x, drafts, hidden = token, [], []
+        for k in range(self.draft_length + 1):
+            want = "last" if k < self.draft_length else "none"  # the last draft only needs its hidden state
+            out = self.model.prefix(x, input_pos + k, self.exit_layer, logits=want, caches=caches)
+            hidden.append(out.hidden)
+            if k < self.draft_length:
+                x = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+                drafts.append(x)
+        return torch.cat(drafts, 1)[0], torch.cat(hidden, 1)
 
 
 class VerifyMethod(nn.Module):
@@ -50,8 +72,6 @@ class FullMethod(nn.Module):
 
 
 class FullLogitsMethod(nn.Module):
-    """The full model with logits for every position: the target of a two-model speculation baseline."""
-
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
@@ -60,22 +80,31 @@ class FullLogitsMethod(nn.Module):
         return (self.model(tokens, input_pos, caches),)
 
 
+def method_module(name: str, model: Transformer, exit_layer: int, draft_length: int = 1) -> nn.Module:
+    return {"draft": lambda: DraftMethod(model, exit_layer),
+            "draft_greedy": lambda: DraftGreedyMethod(model, exit_layer, draft_length),
+            "verify": lambda: VerifyMethod(model, exit_layer),
+            "forward": lambda: FullMethod(model),
+            "forward_all": lambda: FullLogitsMethod(model)}[name]()
+
+
 def method_layers(name: str, exit_layer: int, n_layers: int) -> range:
     """The layers whose KV cache a method reads and writes."""
-    return {"draft": range(0, exit_layer), "verify": range(exit_layer, n_layers)}.get(name, range(0, n_layers))
+    if name in ("draft", "draft_greedy"):
+        return range(0, exit_layer)
+    return range(exit_layer, n_layers) if name == "verify" else range(0, n_layers)
 
 
 def output_names(name: str) -> list[str]:
-    return ["hidden", "logits"] if name == "draft" else ["logits"]
+    return {"draft": ["hidden", "logits"], "draft_greedy": ["drafts", "hidden"]}.get(name, ["logits"])
 
 
-def method_module(name: str, model: Transformer, exit_layer: int) -> nn.Module:
-    return {"draft": lambda: DraftMethod(model, exit_layer), "verify": lambda: VerifyMethod(model, exit_layer),
-            "forward": lambda: FullMethod(model), "forward_all": lambda: FullLogitsMethod(model)}[name]()
+def has_dynamic_tokens(name: str) -> bool:
+    return name != "draft_greedy"
 
 
 def example_inputs(name: str, model: Transformer, tokens: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     pos = torch.tensor([0], dtype=torch.long)
     if name == "verify":
         return torch.zeros(1, tokens, model.config.hidden_size), pos
-    return torch.zeros(1, tokens, dtype=torch.long), pos
+    return torch.zeros(1, 1 if name == "draft_greedy" else tokens, dtype=torch.long), pos

@@ -22,6 +22,7 @@ from models.checkpoint import DEFAULT_MODEL_DIR, checkpoint_hash, load_model, re
 from models.errors import UserError
 from models.model import Transformer
 from export.manifest import Manifest, write_manifest
+from export.methods import DEFAULT_METHODS
 
 BACKENDS = ("xnnpack", "portable", "onnx", "all")
 DEFAULT_DRAFT_LENGTH = 4
@@ -38,7 +39,7 @@ class ExportConfig:
     max_tokens_per_call: int = 64  # upper bound of the dynamic token dimension (prompt chunk size)
     backend: str = "xnnpack"
     out: Path = Path("artifacts")
-    methods: tuple[str, ...] = ("draft", "verify", "forward")
+    methods: tuple[str, ...] = DEFAULT_METHODS
     onnx_kv_cache: str = "gqa"  # "gqa" (ONNX Runtime contrib op, in-place) or "sdpa" (standard ops only)
 
     def __post_init__(self):

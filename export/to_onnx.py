@@ -19,7 +19,7 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 from torch.export import Dim
 
-from export.methods import example_inputs, method_layers, method_module, output_names
+from export.methods import example_inputs, has_dynamic_tokens, method_layers, method_module, output_names
 from export.onnx_attention import CACHE_KINDS
 from models.errors import UserError
 from models.model import Transformer
@@ -54,20 +54,22 @@ class WithExternalCaches(nn.Module):
 
 
 def trace_method(model: Transformer, name: str, exit_layer: int, max_seq_len: int, max_tokens: int,
-                 kind: str) -> onnx.ModelProto:
+                 kind: str, draft_length: int) -> onnx.ModelProto:
     from export.onnx_contrib import translation_table
 
     c = model.config
     layers = method_layers(name, exit_layer, c.num_hidden_layers)
-    module = WithExternalCaches(method_module(name, model, exit_layer), layers, c.num_hidden_layers, kind).eval()
+    module = WithExternalCaches(method_module(name, model, exit_layer, draft_length), layers, c.num_hidden_layers,
+                                kind).eval()
     x, pos = example_inputs(name, model)
     past = [torch.zeros(1, c.num_key_value_heads, max_seq_len, c.head_dim) for _ in range(2 * len(layers))]
     tokens = Dim("tokens", min=1, max=max_tokens)
     input_names = ["hidden" if name == "verify" else "tokens", "input_pos", *cache_input_names(layers)]
+    token_dims = {1: tokens} if has_dynamic_tokens(name) else None
     with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, (x, pos, past), dynamic_shapes={"x": {1: tokens}, "input_pos": None, "past": [None] * len(past)},
+            module, (x, pos, past), dynamic_shapes={"x": token_dims, "input_pos": None, "past": [None] * len(past)},
             input_names=input_names, output_names=output_names(name) + cache_output_names(layers),
             opset_version=OPSET, custom_translation_table=translation_table() if kind == "gqa" else None,
             dynamo=True, optimize=True, verbose=False)
@@ -81,8 +83,9 @@ def trace_method(model: Transformer, name: str, exit_layer: int, max_seq_len: in
 
 
 def trace(model: Transformer, methods: list[str], exit_layer: int, max_seq_len: int, max_tokens: int,
-          kind: str) -> dict[str, onnx.ModelProto]:
-    return {name: trace_method(model, name, exit_layer, max_seq_len, max_tokens, kind) for name in methods}
+          kind: str, draft_length: int) -> dict[str, onnx.ModelProto]:
+    return {name: trace_method(model, name, exit_layer, max_seq_len, max_tokens, kind, draft_length)
+            for name in methods}
 
 
 def save_shared(protos: dict[str, onnx.ModelProto], directory: Path) -> dict[str, str]:
@@ -126,10 +129,13 @@ def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
 
     scheme = resolve_onnx_scheme(cfg.quant)
     kind = cfg.onnx_kv_cache
-    protos = stages.run("trace", trace, model, list(cfg.methods), r.exit_layer, r.max_seq_len,
-                        cfg.max_tokens_per_call, kind)
+    # The fused greedy draft is .pte-only: in ONNX each of its d+1 passes would need its own KV output
+    # (a value can be written once), and ONNX Runtime would copy whole caches between them.
+    methods = [m for m in cfg.methods if m != "draft_greedy"]
+    protos = stages.run("trace", trace, model, methods, r.exit_layer, r.max_seq_len,
+                        cfg.max_tokens_per_call, kind, r.num_speculations)
     protos = stages.run("quantize", quantize_graphs, protos, scheme, cfg.group_size)
     files = stages.run("save", save_shared, protos, directory)
     stages.run("check", check, directory, files)
-    return base_manifest(cfg, r, model, format="onnx", files=files, file_sizes={}, methods=list(cfg.methods),
+    return base_manifest(cfg, r, model, format="onnx", files=files, file_sizes={}, methods=methods,
                          quant=scheme, backend="onnxruntime", extra={"kv_cache": kind})

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram, export
 
-from export.methods import example_inputs, method_module
+from export.methods import example_inputs, has_dynamic_tokens, method_module
 from models.model import Transformer
 
 
@@ -55,14 +55,15 @@ def use_custom_kv_cache(model: Transformer, max_seq_len: int) -> Transformer:
     return model
 
 
-def trace(model: Transformer, methods: list[str], exit_layer: int, max_tokens: int) -> dict[str, ExportedProgram]:
+def trace(model: Transformer, methods: list[str], exit_layer: int, max_tokens: int,
+          draft_length: int = 1) -> dict[str, ExportedProgram]:
     tokens = Dim("tokens", min=1, max=max_tokens)
     programs = {}
     with torch.no_grad():
         for name in methods:
-            module = method_module(name, model, exit_layer)
-            programs[name] = export(module, example_inputs(name, model), dynamic_shapes=({1: tokens}, None),
-                                    strict=False)
+            module = method_module(name, model, exit_layer, draft_length)
+            dynamic = ({1: tokens}, None) if has_dynamic_tokens(name) else None
+            programs[name] = export(module, example_inputs(name, model), dynamic_shapes=dynamic, strict=False)
     return programs
 
 
@@ -98,7 +99,8 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     backend = cfg.backend if cfg.backend in ("xnnpack", "portable") else "xnnpack"
     stages.run("quantize", quantize_model, model, scheme, cfg.group_size)
     use_custom_kv_cache(model, r.max_seq_len)
-    programs = stages.run("trace", trace, model, list(cfg.methods), r.exit_layer, cfg.max_tokens_per_call)
+    programs = stages.run("trace", trace, model, list(cfg.methods), r.exit_layer, cfg.max_tokens_per_call,
+                          r.num_speculations)
     program = stages.run("lower", lower, programs, backend, runtime_constants(model, r.exit_layer, r.max_seq_len,
                                                                               cfg.max_tokens_per_call))
     stages.run("save", save, program, directory / "model.pte")

@@ -139,6 +139,7 @@ def atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates the file private to its owner
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -4,8 +4,10 @@
 
 For every exit layer E of each model: held-out loss and top-1 accuracy of the exited logits,
 top-1 agreement with the last layer, and greedy self-speculative acceptance rate and mean tokens
-per step at d in {2, 4, 6} on HumanEval prompts (128 new tokens each). Writes eval.json,
-eval.md and eval.png; with --compare, one row block per model (e.g. the no-LayerSkip ablation).
+per step at d in {2, 4, 6} on HumanEval prompts (128 new tokens each, EOS ignored). Greedy
+acceptance is computed exactly from one pass over each greedy continuation (see
+simulate_greedy_speculation; tests check it against real self-speculative runs). Writes
+eval.json, eval.md and eval.png; with --compare, one row block per model (e.g. the ablation).
 """
 
 from __future__ import annotations
@@ -51,20 +53,61 @@ def exit_quality(model, heldout_ids: np.ndarray, seq_len: int, windows: int) -> 
     return {e: {k: v / len(starts) for k, v in m.items()} for e, m in sums.items()}
 
 
-def acceptance(model_dir: Path, prompts: list[str], exit_layer: int, d: int, max_new_tokens: int) -> dict:
-    from runtime.decoding import GenerationConfig, generate
-    from runtime.loader import open_checkpoint
+@torch.no_grad()
+def greedy_continuation(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Plain greedy decoding with the static KV cache (EOS ignored, so every prompt gives new_tokens)."""
+    model.setup_caches(len(prompt) + new_tokens + 1)
+    logits = model(torch.tensor([prompt]), torch.tensor([0]))[0, -1]
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        tokens.append(int(logits.argmax()))
+        logits = model(torch.tensor([[tokens[-1]]]), torch.tensor([len(tokens) - 1]))[0, -1]
+    return tokens
 
-    opened = open_checkpoint(model_dir, exit_layer=exit_layer, num_speculations=d)
-    drafted = accepted = steps = emitted = 0
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_speculations=d,
-                           eos_token_ids=tuple(opened.eos_token_ids))
-    for prompt in prompts:
-        stats = generate(opened.backend, opened.tokenizer.encode(prompt), cfg).stats
-        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
-        steps += stats.steps
-        emitted += sum(k * v for k, v in stats.tokens_per_step.items())
-    return {"acceptance_rate": accepted / max(drafted, 1), "mean_tokens_per_step": emitted / max(steps, 1)}
+
+@torch.no_grad()
+def exit_argmax(model, tokens: list[int]) -> torch.Tensor:
+    """[L, T]: the greedy next-token prediction of every exit layer at every position, in one pass."""
+    h = model.embed_tokens(torch.tensor([tokens]))
+    cos, sin = model.rope(torch.arange(len(tokens)))
+    rows = []
+    for layer in model.layers:
+        h = layer(h, cos, sin, None)
+        rows.append(model.exit_logits(h)[0].argmax(-1))
+    return torch.stack(rows)
+
+
+def simulate_greedy_speculation(exit_pred: torch.Tensor, tokens: list[int], prompt_len: int, d: int,
+                                new_tokens: int) -> tuple[int, int, int, int]:
+    """(drafted, accepted, steps, emitted) of greedy self-speculation, computed from one pass.
+
+    Greedy self-speculation emits the greedy sequence, and a draft is accepted exactly when the exit
+    layer's argmax after the (already accepted) prefix equals the next greedy token. So the step
+    statistics follow from `exit_pred` [T] of the exit layer along the greedy sequence `tokens`,
+    which must extend at least d + 1 tokens past prompt_len + new_tokens.
+    """
+    drafted = accepted = steps = 0
+    p, emitted = prompt_len, 1  # tokens[p] is the last emitted token; the first comes from the prompt pass
+    while emitted < new_tokens:
+        n = 0
+        while n < d and int(exit_pred[p + n]) == tokens[p + n + 1]:
+            n += 1
+        drafted, accepted, steps = drafted + d, accepted + n, steps + 1
+        emitted += n + 1
+        p += n + 1
+    return drafted, accepted, steps, emitted
+
+
+def acceptance_table(model, prompts: list[list[int]], exit_layers, max_new_tokens: int) -> dict:
+    """{(E, d): {acceptance_rate, mean_tokens_per_step}} over all prompts."""
+    totals = {(e, d): [0, 0, 0, 0] for e in exit_layers for d in DRAFT_LENGTHS}
+    for prompt in tqdm(prompts, desc="greedy continuations", file=sys.stderr):
+        tokens = greedy_continuation(model, prompt, max_new_tokens + max(DRAFT_LENGTHS) + 1)
+        preds = exit_argmax(model, tokens)
+        for e, d in totals:
+            stats = simulate_greedy_speculation(preds[e - 1], tokens, len(prompt), d, max_new_tokens)
+            totals[e, d] = [a + b for a, b in zip(totals[e, d], stats)]
+    return {key: {"acceptance_rate": t[1] / t[0], "mean_tokens_per_step": t[3] / t[2]} for key, t in totals.items()}
 
 
 def evaluate(model_dir: Path, limit: int, max_new_tokens: int, windows: int, exit_layers=None) -> dict:
@@ -75,20 +118,18 @@ def evaluate(model_dir: Path, limit: int, max_new_tokens: int, windows: int, exi
     heldout_ids = encode_files(tokenizer.tokenizer, heldout, ckpt.bos_token_id or 0, ckpt.eos_token_ids[0])
     seq_len = min(512, ckpt.config.max_position_embeddings)
     quality = exit_quality(model, heldout_ids, seq_len, windows)
-    prompts = [p["prompt"] for p in humaneval_prompts()[:limit]]
+    prompts = [tokenizer.encode(p["prompt"]) for p in humaneval_prompts()[:limit]]
     n = ckpt.config.num_hidden_layers
-    rows = []
     exits = exit_layers or range(1, n)
-    bar = tqdm(total=len(exits) * len(DRAFT_LENGTHS), desc=f"acceptance {model_dir.name}", file=sys.stderr)
+    table = acceptance_table(model, prompts, exits, max_new_tokens)
+    rows = []
     for e in range(1, n + 1):
         row = {"exit_layer": e, **quality[e]}
-        if e in exits:
-            for d in DRAFT_LENGTHS:
-                row[f"d{d}"] = acceptance(model_dir, prompts, e, d, max_new_tokens)
-                bar.update(1)
+        for d in DRAFT_LENGTHS:
+            if (e, d) in table:
+                row[f"d{d}"] = table[e, d]
         rows.append(row)
-    bar.close()
-    return {"model": str(model_dir), "rows": rows}
+    return {"model": str(model_dir), "prompts": len(prompts), "rows": rows}
 
 
 def markdown(results: list[dict]) -> str:

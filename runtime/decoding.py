@@ -12,7 +12,6 @@ Self-speculative step (t = last emitted token at position p, d = draft length):
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -33,6 +32,7 @@ class GenerationConfig:
     seed: int = 0
     eos_token_ids: tuple[int, ...] = ()
     full_model_baseline: bool = False  # autoregressive through the backend's single full-model call
+    fused_draft: bool = True  # greedy: draft all d tokens in one call when the backend has that method
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -116,6 +116,17 @@ class TimedBackend:
         out = self.backend.verify(pos, count)
         self.stats.verify_time_s += time.perf_counter() - t
         self.stats.verify_calls += 1
+        return out
+
+    @property
+    def fused_draft_length(self) -> Optional[int]:
+        return getattr(self.backend, "fused_draft_length", None)
+
+    def draft_greedy(self, token, pos):
+        t = time.perf_counter()
+        out = self.backend.draft_greedy(token, pos)
+        self.stats.draft_time_s += time.perf_counter() - t
+        self.stats.draft_calls += 1
         return out
 
     def forward(self, tokens, pos):
@@ -289,6 +300,18 @@ def autoregressive_step(calls: TimedBackend, chooser: TokenChooser, token: int, 
 
 def speculative_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int,
                      d: int) -> tuple[int, list[int]]:
+    cfg = chooser.cfg
+    if cfg.greedy and cfg.fused_draft and calls.fused_draft_length == d:
+        drafts, draft_probs = calls.draft_greedy(token, pos), [None] * d
+    else:
+        drafts, draft_probs = draft_one_by_one(calls, chooser, token, pos, d)
+    accepted, new = chooser.accept(drafts, draft_probs, calls.verify(pos, d + 1))
+    calls.stats.drafted += d
+    calls.stats.accepted += accepted
+    return accepted, new
+
+
+def draft_one_by_one(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int, d: int):
     drafts, draft_probs = [], []
     x = token
     for k in range(d):
@@ -296,7 +319,4 @@ def speculative_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos
         drafts.append(x)
         draft_probs.append(q)
     calls.draft([x], pos + d)  # the last draft through layers < E, so verify reads only cached activations
-    accepted, new = chooser.accept(drafts, draft_probs, calls.verify(pos, d + 1))
-    calls.stats.drafted += d
-    calls.stats.accepted += accepted
-    return accepted, new
+    return drafts, draft_probs

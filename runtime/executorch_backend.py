@@ -41,6 +41,9 @@ class ExecuTorchBackend:
         self._draft = self._method("draft")
         self._verify = self._method("verify")
         self._forward = None  # the full-model method is loaded only when used: it packs every weight again
+        fused = "draft_greedy" in manifest.methods
+        self.fused_draft_length = manifest.num_speculations if fused else None
+        self._draft_greedy = self._method("draft_greedy") if fused else None
         self.exit_cache = exit_cache(self.max_seq_len, manifest.config.hidden_size)
 
     def _constant(self, name: str):
@@ -62,6 +65,12 @@ class ExecuTorchBackend:
         hidden, logits = self._draft.execute(self._inputs(tokens, pos))
         self.exit_cache[pos:pos + len(tokens)] = hidden[0]
         return logits[0]
+
+    def draft_greedy(self, token, pos):
+        """All d greedy drafts in one call; fills exit-cache rows pos .. pos+d."""
+        drafts, hidden = self._draft_greedy.execute(self._inputs([token], pos))
+        self.exit_cache[pos:pos + hidden.shape[1]] = hidden[0]
+        return drafts.tolist()
 
     def verify(self, pos, count):
         hidden = self.exit_cache[pos:pos + count][None]  # [1, count, dim], contiguous

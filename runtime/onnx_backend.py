@@ -137,6 +137,7 @@ class OnnxBackend:
         self._verify = OnnxMethod(manifest, "verify", provider, threads, self.caches)
         self._forward = None  # loaded when first used: it holds every weight again
 
+
     def _buffer(self, ort, shape):
         if self.device == "cpu":
             host = np.zeros(shape, np.float32)
