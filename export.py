@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD
 from export.pipeline import BACKENDS, ExportConfig, run_export
 from models.checkpoint import DEFAULT_MODEL_DIR
 from models.errors import UserError
@@ -38,11 +39,15 @@ def parse_args(argv=None) -> ExportConfig:
     p.add_argument("--onnx-kv-cache", default=d.onnx_kv_cache, choices=("gqa", "sdpa"),
                    help="ONNX KV cache: gqa (ONNX Runtime's GroupQueryAttention, updated in place; default) "
                         "or sdpa (standard ONNX ops only)")
+    p.add_argument("--fused-draft", action="store_true",
+                   help="also export draft_greedy (.pte only): d greedy drafts in one call; measured no faster "
+                        "than d draft calls on XNNPACK here, and it packs the prefix weights a second time")
     p.add_argument("--out", type=Path, default=d.out, help="output folder; artifacts go to OUT/pte and OUT/onnx")
     a = p.parse_args(argv)
     return ExportConfig(model=a.model, exit_layer=a.exit_layer, num_speculations=a.num_speculations, quant=a.quant,
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
-                        backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache)
+                        backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache,
+                        methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))
 
 
 def main(argv=None) -> int:

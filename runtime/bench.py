@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,11 +53,12 @@ class BenchConfig:
     sweep_quant: str = "int4"
     write_recommended: bool = False
     out: Path = Path("bench_results")
+    rss_only: bool = False
 
     def __post_init__(self):
         if self.repeats < 1 or self.limit < 1 or self.max_new_tokens < 2:
             raise UserError("--repeats and --limit must be >= 1 and --max-new-tokens >= 2.")
-        if not (self.artifacts or self.export or self.eager or self.sweep):
+        if not (self.artifacts or self.export or self.eager or self.sweep or self.rss_only):
             raise UserError("nothing to benchmark: pass --artifact DIR, --export, --eager or --sweep.")
 
 
@@ -96,14 +98,16 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
     eos = tuple(opened.eos_token_ids)
     print(f"[bench] {label}: {len(prompts)} prompts x {cfg.max_new_tokens} tokens x {cfg.repeats} repeats, d={d}",
           file=sys.stderr, flush=True)
+    windows = measure.heldout_windows(opened.tokenizer.tokenizer, opened.tokenizer.bos_token_id or 0, eos[0])
     record = {"label": label, **opened.facts, "num_speculations": d, "prompts": len(prompts),
               "prompts_skipped_too_long": skipped, "size_mb": artifact_size_mb(opened),
+              "heldout": measure.heldout_quality(opened.backend, windows),
               "calls_ms": measure.per_call_latency(opened.backend, d),
               "modes": measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats)}
+    record["rss_probe"] = {**spec, "prompts": prompts[:3], "d": d, "max_new_tokens": cfg.max_new_tokens,
+                           "threads": cfg.threads}
     if cfg.rss:
-        record["peak_rss_mb"] = {m: measure.rss_probe({**spec, "mode": m, "prompts": prompts[:3], "d": d,
-                                                      "max_new_tokens": cfg.max_new_tokens, "threads": cfg.threads})
-                                 for m in record["modes"] if m in measure.MODES}
+        record.update(probe_rss(record["rss_probe"], [m for m in record["modes"] if m in measure.MODES]))
     m = record["modes"]
     print(f"[bench] {label}: spec {m['spec']['decode_tokens_per_s']:.1f} tok/s vs AR "
           f"{max(m[k]['decode_tokens_per_s'] for k in ('ar', 'ar_full') if k in m):.1f} -> {m.get('speedup', 0):.2f}x, "
@@ -111,21 +115,85 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
     return record
 
 
+def probe_rss(spec: dict, modes: list[str]) -> dict:
+    """Peak RSS per mode, each in a fresh process, and the RSS of the imported runtimes alone."""
+    probes = {m: measure.rss_probe({**spec, "mode": m}) or {} for m in modes}
+    return {"peak_rss_mb": {m: p.get("peak_rss_mb") for m, p in probes.items()},
+            "runtime_baseline_rss_mb": {m: p.get("baseline_rss_mb") for m, p in probes.items()}}
+
+
+def remeasure_rss(out: Path) -> dict:
+    """Peak RSS again for every run of an earlier OUT/bench.json (the probes' specs are stored there)."""
+    path = out / "bench.json"
+    if not path.exists():
+        raise UserError(f"--rss-only needs an earlier run's {path}; run the benchmark first.")
+    results = json.loads(path.read_text())
+    for record in results["runs"] + [p for p in results.get("peers", {}).values() if "rss_probe" in p]:
+        modes = [m for m in record["modes"] if m in measure.MODES]
+        print(f"[bench] peak RSS of {record.get('label', 'two-model')}", file=sys.stderr, flush=True)
+        record.update(probe_rss(record["rss_probe"], modes))
+    return results
+
+
+def _child(fn, args) -> None:
+    try:
+        fn(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def in_fresh_process(fn, *args) -> None:
+    """Run an export in a spawned process.
+
+    The exporter leaves millions of Python objects behind; in the measuring process they would make
+    every garbage collection slow and tax the modes that run more Python per token (AR more than
+    self-speculation), so exports never run in the process that times decoding.
+    """
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_child, args=(fn, args))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise UserError(f"{fn.__name__} failed in its export process (see above); fix that and rerun.")
+
+
+def export_clean(export_cfg) -> list[Path]:
+    from export.pipeline import run_export
+
+    in_fresh_process(run_export, export_cfg)
+    return [export_cfg.out / ("onnx" if t == "onnx" else "pte") for t in export_cfg.targets()]
+
+
+def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str) -> bool:
+    """An earlier sweep's artifact for the same checkpoint, exit layer and scheme (reused, not re-exported)."""
+    from export.manifest import read_manifest
+    from models.checkpoint import checkpoint_hash
+    from quant.torchao_schemes import resolve_scheme
+
+    try:
+        m = read_manifest(directory)
+    except UserError:
+        return False
+    return (m.exit_layer, m.quant, m.source.get("sha256")) == (exit_layer, resolve_scheme(quant),
+                                                             checkpoint_hash(model))
+
+
 def export_grid(cfg: BenchConfig) -> list[Path]:
-    from export.pipeline import ExportConfig, run_export
+    from export.pipeline import ExportConfig
 
     dirs = []
     for scheme in SCHEMES:
-        for manifest in run_export(ExportConfig(model=cfg.model, quant=scheme, backend="all",
-                                                out=cfg.out / "artifacts" / scheme)):
-            dirs.append(manifest.directory)
+        dirs += export_clean(ExportConfig(model=cfg.model, quant=scheme, backend="all",
+                                          out=cfg.out / "artifacts" / scheme))
     return dirs
 
 
-def open_target(spec: dict, threads: int) -> Opened:
+def open_target(spec: dict, threads: int, preload: Optional[tuple[str, ...]] = None) -> Opened:
     if spec["kind"] == "eager":
         return open_checkpoint(spec["path"], threads=threads)
-    return open_artifact(spec["path"], threads=threads)
+    return open_artifact(spec["path"], threads=threads, preload=preload)
 
 
 def run_benchmarks(cfg: BenchConfig) -> dict:
@@ -158,7 +226,6 @@ def settings(cfg: BenchConfig) -> dict:
 def run_peers(cfg: BenchConfig, texts: list[str]) -> dict:
     """transformers (plain greedy, assistant_early_exit) and a two-model speculation baseline."""
     from export.pipeline import ExportConfig, resolve
-    from models.checkpoint import load_model
     from runtime.two_model import TwoModelBackend, export_two_models, file_sizes
 
     r = resolve(ExportConfig(model=cfg.model))
@@ -175,19 +242,19 @@ def run_peers(cfg: BenchConfig, texts: list[str]) -> dict:
                        "identical_to_ours": sum(a == b for a, b in zip(out["tokens"], our_ar)) / len(prompts)}
         print(f"[bench] {name}: {out['decode_tokens_per_s']:.1f} tok/s, identical to ours on "
               f"{peers[name]['identical_to_ours']:.0%} of prompts", file=sys.stderr, flush=True)
-    model, _ = load_model(cfg.model)
     directory = cfg.out / "artifacts" / "two_model"
-    paths = export_two_models(model, r.exit_layer, cfg.sweep_quant, 32, r.max_seq_len, 64, directory)
-    backend = TwoModelBackend(paths, r.exit_layer, model.config.num_hidden_layers, r.max_seq_len, 64)
+    in_fresh_process(export_two_models, cfg.model, r.exit_layer, cfg.sweep_quant, 32, r.max_seq_len, 64, directory)
+    paths = {role: directory / f"{role}.pte" for role in ("draft", "target")}
+    num_layers = r.ckpt.config.num_hidden_layers
+    backend = TwoModelBackend(paths, r.exit_layer, num_layers, r.max_seq_len, 64)
     modes = measure.run_modes(backend, prompts, r.num_speculations, cfg.max_new_tokens, eos, cfg.repeats,
                               modes=("spec",))
     spec = {"kind": "two_model", "paths": {k: str(v) for k, v in paths.items()}, "exit_layer": r.exit_layer,
-            "num_layers": model.config.num_hidden_layers, "max_seq_len": r.max_seq_len}
-    peers["two_model_" + cfg.sweep_quant] = {
-        "size_mb": file_sizes(paths) / 1e6, "modes": modes,
-        "peak_rss_mb": measure.rss_probe({**spec, "mode": "spec", "prompts": prompts[:3], "d": r.num_speculations,
-                                          "max_new_tokens": cfg.max_new_tokens, "threads": cfg.threads})
-        if cfg.rss else None}
+            "num_layers": num_layers, "max_seq_len": r.max_seq_len}
+    probe = {**spec, "prompts": prompts[:3], "d": r.num_speculations, "max_new_tokens": cfg.max_new_tokens,
+             "threads": cfg.threads}
+    peers["two_model_" + cfg.sweep_quant] = {"size_mb": file_sizes(paths) / 1e6, "modes": modes, "rss_probe": probe,
+                                             **(probe_rss(probe, ["spec"]) if cfg.rss else {})}
     return peers
 
 
@@ -195,16 +262,17 @@ def run_peers(cfg: BenchConfig, texts: list[str]) -> dict:
 
 
 def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
-    from export.pipeline import ExportConfig, run_export
+    from export.pipeline import ExportConfig
     from models.checkpoint import read_checkpoint
 
     n = read_checkpoint(cfg.model).config.num_hidden_layers
     exit_layers = cfg.exit_layers or tuple(range(1, n))
     surface = []
     for e in exit_layers:
-        manifest = run_export(ExportConfig(model=cfg.model, exit_layer=e, quant=cfg.sweep_quant,
-                                           out=cfg.out / "sweep" / f"e{e}"))[0]
-        opened = open_artifact(manifest.directory, threads=cfg.threads)
+        directory = cfg.out / "sweep" / f"e{e}"
+        if not matching_artifact(directory / "pte", cfg.model, e, cfg.sweep_quant):
+            export_clean(ExportConfig(model=cfg.model, exit_layer=e, quant=cfg.sweep_quant, out=directory))
+        opened = open_artifact(directory / "pte", threads=cfg.threads)
         prompts, _ = encode_prompts(opened, texts, cfg.max_new_tokens)
         eos = tuple(opened.eos_token_ids)
         base = measure.run_modes(opened.backend, prompts, 1, cfg.max_new_tokens, eos, cfg.repeats,
@@ -233,22 +301,25 @@ def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
 
 def markdown(results: dict) -> str:
     mach = results["machine"]
-    lines = [f"Machine: {mach['cpu']}, {mach['cores']} cores; {mach['date']}.", "",
-             "| artifact | size MB | AR tok/s (draft+verify) | AR tok/s (full call) | self-spec tok/s | speedup | "
-             "acceptance | tokens/step | TTFT ms | draft ms | verify d+1 ms | full ms | RSS AR MB | RSS spec MB |",
-             "|" + "---|" * 14]
+    baselines = [v for r in results["runs"] for v in (r.get("runtime_baseline_rss_mb") or {}).values() if v]
+    lines = [f"Machine: {mach['cpu']}, {mach['cores']} cores; {mach['date']}. Peak RSS is measured in a fresh "
+             f"process per mode and includes the imported runtimes"
+             + (f" (~{statistics.median(baselines):.0f} MB before any model is opened)." if baselines else "."), "",
+             "| artifact | size MB | held-out loss | AR tok/s (draft+verify) | AR tok/s (full call) | self-spec tok/s | speedup | "
+             "acceptance | tokens/step | TTFT ms | draft ms | verify d+1 ms | full ms | RSS AR full MB | RSS AR MB | RSS spec MB |",
+             "|" + "---|" * 16]
     for r in results["runs"]:
         m, c = r["modes"], r["calls_ms"]
         rss = r.get("peak_rss_mb") or {}
         d = r["num_speculations"]
-        cells = [r["label"], f"{r['size_mb']:.1f}" if r.get("size_mb") else "-",
+        cells = [r["label"], f"{r['size_mb']:.1f}" if r.get("size_mb") else "-", f"{r['heldout']['loss']:.3f}",
                  f"{m['ar']['decode_tokens_per_s']:.1f}",
                  f"{m['ar_full']['decode_tokens_per_s']:.1f}" if "ar_full" in m else "-",
                  f"{m['spec']['decode_tokens_per_s']:.1f}", f"**{m['speedup']:.2f}x**",
                  f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
                  f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
                  f"{c['full_1']:.3f}" if "full_1" in c else "-",
-                 f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}"]
+                 f"{rss.get('ar_full') or 0:.0f}", f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if "peers" in results:
         lines += ["", "| peer | tok/s | notes |", "|---|---|---|"]
@@ -258,7 +329,7 @@ def markdown(results: dict) -> str:
                              f"{p['identical_to_ours']:.0%} of {p['prompts']} prompts |")
             else:
                 lines.append(f"| {name} | {p['modes']['spec']['decode_tokens_per_s']:.1f} | {p['size_mb']:.1f} MB, "
-                             f"peak RSS {p.get('peak_rss_mb') or 0:.0f} MB |")
+                             f"peak RSS {(p.get('peak_rss_mb') or {}).get('spec') or 0:.0f} MB |")
     if "sweep" in results:
         lines += ["", "| E | d | speedup | acceptance | tokens/step | self-spec tok/s | AR tok/s |",
                   "|---|---|---|---|---|---|---|"]
@@ -324,11 +395,20 @@ def write_results(results: dict, out: Path) -> None:
 
 
 def probe(spec: dict) -> None:
-    """Child process of an RSS measurement: open, decode, print peak RSS."""
-    import resource
+    """Child process of an RSS measurement: import the runtimes, reset the peak, open, decode, report.
+
+    Importing torch, ExecuTorch and ONNX Runtime alone peaks at ~450 MB here, more than a small model
+    adds; the peak is therefore reset after the imports (Linux /proc/self/clear_refs) and both the
+    resident size at that point and the peak after decoding are reported.
+    """
+    import importlib
 
     from runtime.decoding import generate
 
+    for module in ("executorch.runtime", "executorch.extension.llm.custom_ops.custom_ops",
+                   "executorch.kernels.quantized", "onnxruntime"):
+        importlib.import_module(module)
+    baseline = measure.reset_peak_rss()
     if spec["kind"] == "two_model":
         from runtime.two_model import TwoModelBackend
 
@@ -336,12 +416,13 @@ def probe(spec: dict) -> None:
                                   spec["num_layers"], spec["max_seq_len"], 64)
         eos: tuple = ()
     else:
-        opened = open_target(spec, spec.get("threads", 0))
+        # the full-model baseline loads only its own method, as an app running it alone would
+        opened = open_target(spec, spec.get("threads", 0), ("forward",) if spec["mode"] == "ar_full" else None)
         backend, eos = opened.backend, tuple(opened.eos_token_ids)
     cfg = measure.mode_config(spec["mode"], spec["d"], spec["max_new_tokens"], eos)
     for ids in spec["prompts"]:
         generate(backend, ids, cfg)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": measure.peak_rss_mb(), "baseline_rss_mb": baseline}))
 
 
 def parse_args(argv=None) -> Optional[BenchConfig]:
@@ -365,11 +446,14 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
     p.add_argument("--sweep-quant", default=d.sweep_quant)
     p.add_argument("--write-recommended", action="store_true", help="store the sweep's best (E, d) in the model")
     p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--rss-only", action="store_true", help="re-measure peak RSS of the runs in OUT/bench.json")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.probe:
         probe(json.loads(a.probe))
         return None
+    if a.rss_only:
+        return BenchConfig(out=a.out, rss_only=True)
     return BenchConfig(artifacts=a.artifact, export=a.export, model=a.model, eager=a.eager, prompts=a.prompts,
                        limit=a.limit, max_new_tokens=a.max_new_tokens, repeats=a.repeats, threads=a.threads,
                        rss=not a.no_rss, peers=a.peers, peer_limit=a.peer_limit, sweep=a.sweep,
@@ -383,7 +467,7 @@ def main(argv=None) -> int:
         if cfg is None:
             return 0
         t = time.perf_counter()
-        results = run_benchmarks(cfg)
+        results = remeasure_rss(cfg.out) if cfg.rss_only else run_benchmarks(cfg)
         write_results(results, cfg.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

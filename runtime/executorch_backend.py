@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from export.manifest import Manifest, check_fact
@@ -25,7 +27,7 @@ def load_program(path):
 class ExecuTorchBackend:
     name = "executorch"
 
-    def __init__(self, manifest: Manifest, threads: int = 0):
+    def __init__(self, manifest: Manifest, threads: int = 0, preload: Optional[tuple[str, ...]] = None):
         if threads:
             from executorch.extension.pybindings import portable_lib
 
@@ -38,18 +40,24 @@ class ExecuTorchBackend:
         self.num_layers = manifest.config.num_hidden_layers
         self.max_seq_len = manifest.max_seq_len
         self.max_tokens_per_call = manifest.max_tokens_per_call
-        self._draft = self._method("draft")
-        self._verify = self._method("verify")
-        self._forward = None  # the full-model method is loaded only when used: it packs every weight again
         fused = "draft_greedy" in manifest.methods
         self.fused_draft_length = manifest.num_speculations if fused else None
-        self._draft_greedy = self._method("draft_greedy") if fused else None
+        # Methods are loaded when first called (XNNPACK packs each method's weights again); `preload`
+        # (default: the self-speculative ones) up front, so that loading is not timed as decoding.
+        self._loaded = {}
+        for name in preload if preload is not None else ("draft", "verify") + (("draft_greedy",) if fused else ()):
+            self._get(name)
         self.exit_cache = exit_cache(self.max_seq_len, manifest.config.hidden_size)
 
     def _constant(self, name: str):
         if name not in self.program.method_names:
             return None
         return self._method(name).execute([])[0]
+
+    def _get(self, name: str):
+        if name not in self._loaded:
+            self._loaded[name] = self._method(name)
+        return self._loaded[name]
 
     def _method(self, name: str):
         try:
@@ -62,24 +70,22 @@ class ExecuTorchBackend:
         return torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([pos], dtype=torch.long)
 
     def draft(self, tokens, pos):
-        hidden, logits = self._draft.execute(self._inputs(tokens, pos))
+        hidden, logits = self._get("draft").execute(self._inputs(tokens, pos))
         self.exit_cache[pos:pos + len(tokens)] = hidden[0]
         return logits[0]
 
     def draft_greedy(self, token, pos):
         """All d greedy drafts in one call; fills exit-cache rows pos .. pos+d."""
-        drafts, hidden = self._draft_greedy.execute(self._inputs([token], pos))
+        drafts, hidden = self._get("draft_greedy").execute(self._inputs([token], pos))
         self.exit_cache[pos:pos + hidden.shape[1]] = hidden[0]
         return drafts.tolist()
 
     def verify(self, pos, count):
         hidden = self.exit_cache[pos:pos + count][None]  # [1, count, dim], contiguous
-        return self._verify.execute((hidden, torch.tensor([pos], dtype=torch.long)))[0][0]
+        return self._get("verify").execute((hidden, torch.tensor([pos], dtype=torch.long)))[0][0]
 
     def forward(self, tokens, pos):
-        if self._forward is None:
-            self._forward = self._method("forward")
-        return self._forward.execute(self._inputs(tokens, pos))[0][0]
+        return self._get("forward").execute(self._inputs(tokens, pos))[0][0]
 
     def reset(self):
         # The custom SDPA attends only to positions < start + T, so stale cache rows need no clearing.

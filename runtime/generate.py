@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from models.errors import UserError
+from runtime import measure
 from runtime.decoding import GenerationConfig, GenerationResult, generate
 from runtime.loader import Opened, open_artifact, open_checkpoint
 
@@ -90,12 +91,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
@@ -126,7 +121,7 @@ def main(argv=None) -> int:
     stats = result.stats
     if args.json:
         print(json.dumps({"prompt": prompt, "text": text, "tokens": result.tokens,
-                          "stats": {**stats.to_dict(), "peak_rss_mb": peak_rss_mb()},
+                          "stats": {**stats.to_dict(), "peak_rss_mb": measure.peak_rss_mb()},
                           "settings": {**opened.facts, "mode": "autoregressive" if args.ar else "self_speculative",
                                        "num_speculations": cfg.num_speculations, "temperature": cfg.temperature,
                                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}}))

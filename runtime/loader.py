@@ -56,8 +56,10 @@ def open_checkpoint(model_dir: Optional[Path | str] = None, exit_layer: Optional
 
 
 def open_artifact(artifact_dir: Path | str, provider: str = "cpu", threads: int = 0,
-                  exit_layer: Optional[int] = None, num_speculations: Optional[int] = None) -> Opened:
-    """The backend an exported artifact directory holds, checked against its manifest."""
+                  exit_layer: Optional[int] = None, num_speculations: Optional[int] = None,
+                  preload: Optional[tuple[str, ...]] = None) -> Opened:
+    """The backend an exported artifact directory holds, checked against its manifest; the `preload`
+    methods (default: those self-speculation calls) are loaded now, and so checked; the others when first called."""
     from export.manifest import read_manifest
 
     manifest = read_manifest(artifact_dir)
@@ -67,11 +69,11 @@ def open_artifact(artifact_dir: Path | str, provider: str = "cpu", threads: int 
     if manifest.format == "pte":
         from runtime.executorch_backend import ExecuTorchBackend
 
-        backend = ExecuTorchBackend(manifest, threads=threads)
+        backend = ExecuTorchBackend(manifest, threads=threads, preload=preload)
     else:
         from runtime.onnx_backend import OnnxBackend
 
-        backend = OnnxBackend(manifest, provider=provider, threads=threads)
+        backend = OnnxBackend(manifest, provider=provider, threads=threads, preload=preload)
     tokenizer = TextTokenizer(manifest.directory / "tokenizer.json", manifest.bos_token_id)
     d = num_speculations if num_speculations is not None else manifest.num_speculations
     return Opened(backend, tokenizer, manifest.eos_token_ids, d, manifest.summary())

@@ -139,17 +139,70 @@ def predicted_speedup(calls: dict, d: int, acceptance: float) -> float:
     return tokens_per_step * ar / step
 
 
+# ---------------------------------------------------------------- quality through the artifact
+
+
+def heldout_windows(tokenizer, bos_id: int, eos_id: int, count: int = 8, length: int = 256) -> list[list[int]]:
+    """`count` evenly spaced windows of the held-out corpus split (the split the model never trained on)."""
+    from models.data import corpus_files, encode_files, split_files
+
+    root, files = corpus_files()
+    ids = encode_files(tokenizer, split_files(root, files)[1], bos_id, eos_id)
+    starts = np.linspace(0, len(ids) - length - 1, count).astype(int)
+    return [ids[s:s + length].tolist() for s in starts]
+
+
+@torch.inference_mode()
+def heldout_quality(backend, windows: list[list[int]]) -> dict:
+    """Next-token loss and top-1 accuracy of the backend's full-model logits (draft then verify, in chunks)."""
+    nll = correct = count = 0.0
+    for ids in windows:
+        backend.reset()
+        inputs, targets = ids[:-1], torch.tensor(ids[1:])
+        logits = []
+        for start in range(0, len(inputs), backend.max_tokens_per_call):
+            chunk = inputs[start:start + backend.max_tokens_per_call]
+            backend.draft(chunk, start)
+            logits.append(torch.as_tensor(backend.verify(start, len(chunk))).float().clone())
+        logits = torch.cat(logits)  # [len(ids) - 1, vocab]
+        nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += float((logits.argmax(-1) == targets).sum())
+        count += len(targets)
+    backend.reset()
+    return {"loss": nll / count, "perplexity": float(np.exp(nll / count)), "top1_accuracy": correct / count,
+            "tokens": int(count)}
+
+
 # ---------------------------------------------------------------- peak RSS, in a fresh process
 
 
-def rss_probe(spec: dict) -> Optional[float]:
-    """Peak RSS (MB) of a fresh process that opens a backend and decodes (see runtime.bench --probe)."""
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> float:
+    """Resets this process's peak RSS to its current RSS (Linux); returns that RSS in MB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS (MB) since the process started or since reset_peak_rss()."""
+    return _status_mb("VmHWM")
+
+
+def rss_probe(spec: dict) -> Optional[dict]:
+    """{peak_rss_mb, baseline_rss_mb} of a fresh process that imports the runtime libraries (baseline),
+    then opens a backend and decodes (peak; see runtime.bench --probe)."""
     proc = subprocess.run([sys.executable, "-m", "runtime.bench", "--probe", json.dumps(spec)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"warning: RSS probe failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- Hugging Face transformers peers

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -114,7 +116,8 @@ class OnnxMethod:
 
 
 class OnnxBackend:
-    def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int = 0):
+    def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int = 0,
+                 preload: Optional[tuple[str, ...]] = None):
         import onnxruntime as ort
 
         self.name = f"onnxruntime-{provider}"
@@ -133,9 +136,15 @@ class OnnxBackend:
         self.caches = [(self._buffer(ort, shape), self._buffer(ort, shape)) for _ in range(self.num_layers)]
         self.exit_cache = self._buffer(ort, [self.max_seq_len, self.dim])
         self.logits = np.zeros((self.max_tokens_per_call, c.vocab_size), np.float32)
-        self._draft = OnnxMethod(manifest, "draft", provider, threads, self.caches)
-        self._verify = OnnxMethod(manifest, "verify", provider, threads, self.caches)
-        self._forward = None  # loaded when first used: it holds every weight again
+        # Sessions are created when first used (each holds its own weights), `preload` up front.
+        self._sessions: dict[str, OnnxMethod] = {}
+        for name in preload if preload is not None else ("draft", "verify"):
+            self._get(name)
+
+    def _get(self, name: str) -> OnnxMethod:
+        if name not in self._sessions:
+            self._sessions[name] = OnnxMethod(self.manifest, name, self.device, self.threads, self.caches)
+        return self._sessions[name]
 
 
     def _buffer(self, ort, shape):
@@ -153,7 +162,7 @@ class OnnxBackend:
 
     def draft(self, tokens, pos):
         t = len(tokens)
-        m = self._draft
+        m = self._get("draft")
         m.bind_input("tokens", np.asarray([tokens], np.int64))
         m.bind_input("input_pos", np.asarray([pos], np.int64))
         m.bind_pointer("hidden", True, self.device, (1, t, self.dim), self._exit_rows(pos))
@@ -163,7 +172,7 @@ class OnnxBackend:
         return torch.from_numpy(self.logits[0])  # a view, valid until the next call
 
     def verify(self, pos, count):
-        m = self._verify
+        m = self._get("verify")
         m.bind_pointer("hidden", False, self.device, (1, count, self.dim), self._exit_rows(pos))
         m.bind_input("input_pos", np.asarray([pos], np.int64))
         self._bind_logits(m, (1, count, self.logits.shape[1]))
@@ -172,9 +181,7 @@ class OnnxBackend:
         return torch.from_numpy(self.logits[:count])
 
     def forward(self, tokens, pos):
-        if self._forward is None:
-            self._forward = OnnxMethod(self.manifest, "forward", self.device, self.threads, self.caches)
-        m = self._forward
+        m = self._get("forward")
         m.bind_input("tokens", np.asarray([tokens], np.int64))
         m.bind_input("input_pos", np.asarray([pos], np.int64))
         self._bind_logits(m, (1, self.logits.shape[1]))

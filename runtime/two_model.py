@@ -31,9 +31,12 @@ def truncated(model: Transformer, layers: int) -> Transformer:
     return draft.eval()
 
 
-def export_two_models(model: Transformer, exit_layer: int, quant: str, group_size: int, max_seq_len: int,
+def export_two_models(checkpoint: Path, exit_layer: int, quant: str, group_size: int, max_seq_len: int,
                       max_tokens: int, directory: Path) -> dict[str, Path]:
     """draft.pte (first E layers, method forward) and target.pte (full model, method forward_all)."""
+    from models.checkpoint import load_model
+
+    model, _ = load_model(checkpoint)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
     for role, m, method in (("draft", truncated(model, exit_layer), "forward"),

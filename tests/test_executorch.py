@@ -18,18 +18,22 @@ from runtime.loader import open_artifact
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+WITH_FUSED_DRAFT = ("draft", "verify", "forward", "draft_greedy")
+
+
 def export(checkpoint, out, **kw):
     return run_export(ExportConfig(model=checkpoint, out=out, max_seq_len=128, max_tokens_per_call=16, **kw))[0]
 
 
 @pytest.fixture(scope="module")
 def fp32_pte(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("fp32"))
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("fp32"), methods=WITH_FUSED_DRAFT)
 
 
 @pytest.fixture(scope="module")
 def int4_pte(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("int4"), quant="int4", group_size=32)
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("int4"), quant="int4", group_size=32,
+                  methods=WITH_FUSED_DRAFT)
 
 
 def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, fp32_pte):
@@ -55,8 +59,11 @@ def test_greedy_self_speculation_equals_autoregressive_on_the_pte(which, request
     full = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False,
                                                              full_model_baseline=True))
     spec = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3))
-    assert spec.tokens == ar.tokens == full.tokens
+    one_by_one = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3,
+                                                                   fused_draft=False))
+    assert spec.tokens == one_by_one.tokens == ar.tokens == full.tokens
     assert spec.stats.accepted > 0 and spec.stats.accepted < spec.stats.drafted
+    assert spec.stats.draft_calls < one_by_one.stats.draft_calls  # the fused draft_greedy method was used
 
 
 def test_int4_pte_matches_the_torchao_quantized_eager_model(tiny_checkpoint, int4_pte):
@@ -106,7 +113,7 @@ def test_verify_method_holds_no_prefix_weights(tiny_checkpoint):
 def test_manifest_records_the_runtime_facts(fp32_pte):
     m = read_manifest(fp32_pte.directory)
     assert (m.exit_layer, m.num_speculations, m.max_seq_len, m.bos_token_id, m.eos_token_ids) == (2, 3, 128, 0, [1])
-    assert m.methods == ["draft", "verify", "forward"] and len(m.source["sha256"]) == 16
+    assert m.methods == ["draft", "verify", "forward", "draft_greedy"] and len(m.source["sha256"]) == 16
     assert {"torch", "executorch", "torchao"} <= set(m.versions)
     assert (m.directory / "tokenizer.json").exists()
 

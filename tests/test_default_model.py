@@ -1,0 +1,47 @@
+"""The shipped default model: loadable by transformers, documented, and as good an early exit as claimed."""
+
+import json
+import re
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from models.checkpoint import DEFAULT_MODEL_DIR, load_model
+from models.data import humaneval_prompts
+from runtime.decoding import GenerationConfig, generate
+from runtime.loader import open_checkpoint
+
+
+def test_transformers_loads_it_and_agrees_with_our_model():
+    hf = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32, local_files_only=True).eval()
+    hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(DEFAULT_MODEL_DIR, local_files_only=True)
+    ours, _ = load_model(DEFAULT_MODEL_DIR)
+    tokens = torch.tensor([[0] + hf_tokenizer.encode("def add(a, b):\n    return a + b\n", add_special_tokens=False)])
+    with torch.no_grad():
+        assert (ours(tokens, torch.tensor([0])) - hf(tokens).logits).abs().max() <= 1e-4
+
+
+def test_recommended_settings_are_used_and_reach_the_acceptance_target():
+    opened = open_checkpoint()  # no --exit-layer / --num-speculations: the model's layerskip.json
+    recommended = json.loads((DEFAULT_MODEL_DIR / "layerskip.json").read_text())
+    assert (opened.backend.exit_layer, opened.num_speculations) == (recommended["exit_layer"],
+                                                                    recommended["num_speculations"])
+    assert opened.backend.exit_layer <= opened.backend.num_layers // 2
+    accepted = drafted = 0
+    for problem in humaneval_prompts()[:4]:
+        ids = opened.tokenizer.encode(problem["prompt"])
+        spec = generate(opened.backend, ids, GenerationConfig(max_new_tokens=64, num_speculations=4))
+        ar = generate(opened.backend, ids, GenerationConfig(max_new_tokens=64, self_speculative=False))
+        assert spec.tokens == ar.tokens
+        accepted, drafted = accepted + spec.stats.accepted, drafted + spec.stats.drafted
+    assert accepted / drafted >= 0.6
+
+
+def test_model_card_states_the_trained_facts():
+    card = (DEFAULT_MODEL_DIR / "README.md").read_text()
+    log = json.loads((DEFAULT_MODEL_DIR / "train_log.json").read_text())
+    assert log["corpus"]["sha256"] in card
+    assert f"{log['parameters']:,}" in card
+    assert re.search(r"python -m models\.train .*--steps %d" % log["config"]["steps"], card)
+    for loss in log["final_heldout_loss"].values():
+        assert f"{loss:.3f}" in card
