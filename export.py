@@ -5,9 +5,10 @@
 
 --quant picks the best scheme each backend runs correctly:
     int4: XNNPACK 8da4w (int8 dynamic activations, int4 grouped weights; int4 embedding)
-          ONNX    MatMulNBits int4 weights (block size --group-size), accuracy level 4 (int8 compute)
+          ONNX    MatMulNBits int4 weights (block size --group-size), accuracy level 4 (int8 compute);
+                  the embedding as GatherBlockQuantized int4
     int8: XNNPACK 8da8w (int8 dynamic activations, int8 per-channel weights; int8 embedding)
-          ONNX    dynamic int8 (MatMulInteger, per-channel weights)
+          ONNX    MatMulNBits / GatherBlockQuantized with 8-bit weights, accuracy level 4
     none: float32. 8da4w / 8da8w name the XNNPACK schemes directly.
 """
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 
 from models.errors import UserError
@@ -30,15 +31,60 @@ def resolve_onnx_scheme(name: str) -> str:
     return scheme
 
 
+def fold_transposed_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """MatMul(x, Transpose(W)) with a constant 2-D W -> MatMul(x, W^T stored as a constant).
+
+    A tied LM head is exported as x @ Transpose(embedding); MatMulNBits takes only a constant B, so
+    without this the head -- the largest matrix of a small-width model -- would stay float32.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        transpose = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"]
+        weight = numpy_helper.to_array(initializers[transpose.input[0]])
+        if weight.ndim != 2 or (perm and perm[0] != [1, 0]):
+            continue
+        name = transpose.input[0] + "_transposed"
+        if name not in initializers:
+            initializers[name] = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+            graph.initializer.append(initializers[name])
+        node.input[1] = name
+    return prune(proto)
+
+
+def prune(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop nodes whose outputs nobody reads and initializers no node reads."""
+    graph = proto.graph
+    while True:
+        used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        dead = [node for node in graph.node if not any(o in used for o in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    unused = [t for t in graph.initializer if t.name not in used]
+    for t in unused:
+        graph.initializer.remove(t)
+    return proto
+
+
 def quantize_graph(proto: onnx.ModelProto, bits: int, block_size: int) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = fold_transposed_weights(proto)
 
     quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"),
                                      quant_axes=(("MatMul", 0), ("Gather", 1)))
     logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every node at INFO
     quantizer.process()
-    return quantizer.model.model
+    return prune(quantizer.model.model)
 
 
 def quantize_graphs(protos: dict[str, onnx.ModelProto], scheme: str, group_size: int) -> dict[str, onnx.ModelProto]:

@@ -155,8 +155,12 @@ def in_fresh_process(fn, *args) -> None:
     child = multiprocessing.get_context("spawn").Process(target=_child, args=(fn, args))
     child.start()
     child.join()
+    if child.exitcode == -9:
+        raise UserError(f"{fn.__name__} was killed (SIGKILL, usually out of memory); free memory or use a smaller "
+                        f"scheme and rerun.")
     if child.exitcode != 0:
-        raise UserError(f"{fn.__name__} failed in its export process (see above); fix that and rerun.")
+        raise UserError(f"{fn.__name__} failed in its export process (exit {child.exitcode}, see above); fix that "
+                        f"and rerun.")
 
 
 def export_clean(export_cfg) -> list[Path]:
@@ -170,14 +174,15 @@ def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str)
     """An earlier sweep's artifact for the same checkpoint, exit layer and scheme (reused, not re-exported)."""
     from export.manifest import read_manifest
     from models.checkpoint import checkpoint_hash
+    from quant.onnx_schemes import resolve_onnx_scheme
     from quant.torchao_schemes import resolve_scheme
 
     try:
         m = read_manifest(directory)
     except UserError:
         return False
-    return (m.exit_layer, m.quant, m.source.get("sha256")) == (exit_layer, resolve_scheme(quant),
-                                                             checkpoint_hash(model))
+    scheme = resolve_onnx_scheme(quant) if m.format == "onnx" else resolve_scheme(quant)
+    return (m.exit_layer, m.quant, m.source.get("sha256")) == (exit_layer, scheme, checkpoint_hash(model))
 
 
 def export_grid(cfg: BenchConfig) -> list[Path]:
@@ -304,23 +309,24 @@ def markdown(results: dict) -> str:
     baselines = [v for r in results["runs"] for v in (r.get("runtime_baseline_rss_mb") or {}).values() if v]
     lines = [f"Machine: {mach['cpu']}, {mach['cores']} cores; {mach['date']}. Peak RSS is measured in a fresh "
              f"process per mode and includes the imported runtimes"
-             + (f" (~{statistics.median(baselines):.0f} MB before any model is opened)." if baselines else "."), "",
-             "| artifact | size MB | held-out loss | AR tok/s (draft+verify) | AR tok/s (full call) | self-spec tok/s | speedup | "
-             "acceptance | tokens/step | TTFT ms | draft ms | verify d+1 ms | full ms | RSS AR full MB | RSS AR MB | RSS spec MB |",
-             "|" + "---|" * 16]
-    for r in results["runs"]:
-        m, c = r["modes"], r["calls_ms"]
-        rss = r.get("peak_rss_mb") or {}
-        d = r["num_speculations"]
-        cells = [r["label"], f"{r['size_mb']:.1f}" if r.get("size_mb") else "-", f"{r['heldout']['loss']:.3f}",
-                 f"{m['ar']['decode_tokens_per_s']:.1f}",
-                 f"{m['ar_full']['decode_tokens_per_s']:.1f}" if "ar_full" in m else "-",
-                 f"{m['spec']['decode_tokens_per_s']:.1f}", f"**{m['speedup']:.2f}x**",
-                 f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
-                 f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
-                 f"{c['full_1']:.3f}" if "full_1" in c else "-",
-                 f"{rss.get('ar_full') or 0:.0f}", f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+             + (f" (~{statistics.median(baselines):.0f} MB before any model is opened)." if baselines else ".")]
+    if results["runs"]:
+        lines += ["", "| artifact | size MB | held-out loss | AR tok/s (draft+verify) | AR tok/s (full call) | "
+                  "self-spec tok/s | speedup | acceptance | tokens/step | TTFT ms | draft ms | verify d+1 ms | full ms | "
+                  "RSS AR full MB | RSS AR MB | RSS spec MB |", "|" + "---|" * 16]
+        for r in results["runs"]:
+            m, c = r["modes"], r["calls_ms"]
+            rss = r.get("peak_rss_mb") or {}
+            d = r["num_speculations"]
+            cells = [r["label"], f"{r['size_mb']:.1f}" if r.get("size_mb") else "-", f"{r['heldout']['loss']:.3f}",
+                     f"{m['ar']['decode_tokens_per_s']:.1f}",
+                     f"{m['ar_full']['decode_tokens_per_s']:.1f}" if "ar_full" in m else "-",
+                     f"{m['spec']['decode_tokens_per_s']:.1f}", f"**{m['speedup']:.2f}x**",
+                     f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
+                     f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
+                     f"{c['full_1']:.3f}" if "full_1" in c else "-",
+                     f"{rss.get('ar_full') or 0:.0f}", f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
     if "peers" in results:
         lines += ["", "| peer | tok/s | notes |", "|---|---|---|"]
         for name, p in results["peers"].items():

@@ -104,37 +104,29 @@ class TimedBackend:
     def __init__(self, backend: Backend, stats: GenerationStats):
         self.backend, self.stats = backend, stats
 
-    def draft(self, tokens, pos):
+    def _timed(self, kind: str, call, *args):
+        """kind: 'draft', 'verify' or 'full' -- the stats fields {kind}_time_s and {kind}_calls."""
         t = time.perf_counter()
-        out = self.backend.draft(tokens, pos)
-        self.stats.draft_time_s += time.perf_counter() - t
-        self.stats.draft_calls += 1
+        out = call(*args)
+        setattr(self.stats, f"{kind}_time_s", getattr(self.stats, f"{kind}_time_s") + time.perf_counter() - t)
+        setattr(self.stats, f"{kind}_calls", getattr(self.stats, f"{kind}_calls") + 1)
         return out
 
+    def draft(self, tokens, pos):
+        return self._timed("draft", self.backend.draft, tokens, pos)
+
     def verify(self, pos, count):
-        t = time.perf_counter()
-        out = self.backend.verify(pos, count)
-        self.stats.verify_time_s += time.perf_counter() - t
-        self.stats.verify_calls += 1
-        return out
+        return self._timed("verify", self.backend.verify, pos, count)
 
     @property
     def fused_draft_length(self) -> Optional[int]:
         return getattr(self.backend, "fused_draft_length", None)
 
     def draft_greedy(self, token, pos):
-        t = time.perf_counter()
-        out = self.backend.draft_greedy(token, pos)
-        self.stats.draft_time_s += time.perf_counter() - t
-        self.stats.draft_calls += 1
-        return out
+        return self._timed("draft", self.backend.draft_greedy, token, pos)
 
     def forward(self, tokens, pos):
-        t = time.perf_counter()
-        out = self.backend.forward(tokens, pos)
-        self.stats.full_time_s += time.perf_counter() - t
-        self.stats.full_calls += 1
-        return out
+        return self._timed("full", self.backend.forward, tokens, pos)
 
 
 # ---------------------------------------------------------------- token choice

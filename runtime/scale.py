@@ -25,6 +25,7 @@ import torch
 
 from models.checkpoint import RECOMMENDED_FILE, save_checkpoint, write_json
 from models.config import ModelConfig, RopeScaling
+from models.errors import UserError
 from models.model import Transformer
 from runtime import measure
 
@@ -71,16 +72,22 @@ def random_checkpoint(directory: Path, exit_layer: int, d: int) -> Path:
     return directory
 
 
-def measure_scheme(checkpoint: Path, target: str, scheme: str, d: int, max_seq_len: int, work: Path) -> dict:
-    from export.pipeline import ExportConfig, run_export
+def measure_scheme(checkpoint: Path, target: str, scheme: str, exit_layer: int, d: int, max_seq_len: int,
+                   work: Path, threads: int) -> dict:
+    from export.manifest import read_manifest
+    from export.pipeline import ExportConfig
+    from runtime.bench import export_clean, matching_artifact
     from runtime.loader import open_artifact
 
     backend = "onnx" if target == "onnx" else "xnnpack"
     t = time.perf_counter()
-    manifest = run_export(ExportConfig(model=checkpoint, quant=scheme, backend=backend, max_seq_len=max_seq_len,
-                                       max_tokens_per_call=16, out=work / f"{target}-{scheme}"))[0]
+    directory = work / f"{target}-{scheme}" / ("onnx" if target == "onnx" else "pte")
+    if not matching_artifact(directory, checkpoint, exit_layer, scheme):  # else reuse --work's earlier export
+        export_clean(ExportConfig(model=checkpoint, quant=scheme, backend=backend, max_seq_len=max_seq_len,
+                                  max_tokens_per_call=16, out=directory.parent))
     export_s = time.perf_counter() - t
-    opened = open_artifact(manifest.directory)
+    manifest = read_manifest(directory)
+    opened = open_artifact(directory, threads=threads)
     calls = measure.per_call_latency(opened.backend, d, position=256, n=20)
     size = sum(manifest.file_sizes.values())
     del opened
@@ -106,6 +113,8 @@ def markdown(result: dict) -> str:
                  f"{c[f'verify_{d + 1}']:.1f}", f"{c.get('full_1', float('nan')):.1f}", f"{r['roofline_ms']:.1f}"]
         cells += [f"{r['predicted_speedup'][f'{a:.1f}']:.2f}x" for a in ACCEPTANCE_RATES]
         lines.append("| " + " | ".join(cells) + " |")
+    for skipped in result.get("skipped", []):
+        lines.append(f"\n{skipped['target']} {skipped['scheme']}: not measured ({skipped['why']})")
     lines.append("\nPredicted speedup = tokens per step x min(full step, draft + verify 1) / (d+1 draft calls + "
                  "verify of d+1 tokens), tokens per step = (1 - a^(d+1)) / (1 - a) for acceptance rate a. "
                  "These are predictions from measured call costs, not measured speedups.")
@@ -122,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--exit-layer", type=int, default=4)
     p.add_argument("--num-speculations", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--threads", type=int, default=0, help="compute threads (0: the runtime's default)")
     p.add_argument("--work", type=Path, help="where to keep the checkpoint and artifacts (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path("bench_results/scale"))
     a = p.parse_args(argv)
@@ -140,7 +150,13 @@ def main(argv=None) -> int:
         for pair in a.schemes:
             target, scheme = pair.split(":")
             print(f"[scale] {target} {scheme}", file=sys.stderr, flush=True)
-            r = measure_scheme(checkpoint, target, scheme, a.num_speculations, a.max_seq_len, work)
+            try:
+                r = measure_scheme(checkpoint, target, scheme, a.exit_layer, a.num_speculations, a.max_seq_len,
+                                   work, a.threads)
+            except UserError as e:  # e.g. the fp32 .pte lowering needs more memory than this machine has
+                print(f"[scale] {target} {scheme} skipped: {e}", file=sys.stderr, flush=True)
+                result["skipped"] = result.get("skipped", []) + [{"target": target, "scheme": scheme, "why": str(e)}]
+                continue
             r["roofline_ms"] = 1000 * weight_bytes_per_token(LLAMA_3_2_1B, BITS[scheme]) / (bandwidth * 1e9)
             r["predicted_speedup"] = predictions(r["calls_ms"], a.num_speculations)
             result["runs"].append(r)

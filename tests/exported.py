@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import torch
 
 from models.checkpoint import load_model
@@ -31,3 +35,12 @@ def eager_reference(checkpoint, exit_layer: int, max_seq_len: int) -> list[torch
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     assert [x.shape for x in a] == [y.shape for y in b]
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def copy_artifact(directory: Path, tmp_path: Path, **manifest_changes) -> Path:
+    """A copy of an artifact directory to damage in a test, with some manifest fields changed."""
+    copy = Path(shutil.copytree(directory, tmp_path / "art"))
+    if manifest_changes:
+        manifest = json.loads((copy / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**manifest, **manifest_changes}))
+    return copy

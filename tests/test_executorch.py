@@ -1,6 +1,5 @@
 """The .pte artifact: numerics against eager, exact self-speculation, weights stored once, bad input."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import torch
 
 from export.manifest import read_manifest
 from export.pipeline import ExportConfig, run_export
-from exported import PROMPT, call_sequence, eager_reference, max_diff
+from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff
 from models.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -122,7 +121,7 @@ def test_manifest_records_the_runtime_facts(fp32_pte):
 
 
 def test_truncated_pte_is_refused(fp32_pte, tmp_path):
-    copy = shutil.copytree(fp32_pte.directory, tmp_path / "art")
+    copy = copy_artifact(fp32_pte.directory, tmp_path)
     data = (copy / "model.pte").read_bytes()
     (copy / "model.pte").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
@@ -130,7 +129,7 @@ def test_truncated_pte_is_refused(fp32_pte, tmp_path):
 
 
 def test_corrupt_pte_of_the_right_size_is_refused(fp32_pte, tmp_path):
-    copy = shutil.copytree(fp32_pte.directory, tmp_path / "art")
+    copy = copy_artifact(fp32_pte.directory, tmp_path)
     data = bytearray((copy / "model.pte").read_bytes())
     data[:64] = b"\0" * 64
     (copy / "model.pte").write_bytes(bytes(data))
@@ -139,17 +138,14 @@ def test_corrupt_pte_of_the_right_size_is_refused(fp32_pte, tmp_path):
 
 
 def test_missing_manifest_is_refused(fp32_pte, tmp_path):
-    copy = shutil.copytree(fp32_pte.directory, tmp_path / "art")
+    copy = copy_artifact(fp32_pte.directory, tmp_path)
     (copy / "manifest.json").unlink()
     with pytest.raises(UserError, match="has no manifest.json"):
         open_artifact(copy)
 
 
 def test_manifest_that_does_not_match_the_pte_is_refused(fp32_pte, tmp_path):
-    copy = shutil.copytree(fp32_pte.directory, tmp_path / "art")
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["exit_layer"] = 1
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = copy_artifact(fp32_pte.directory, tmp_path, exit_layer=1)
     with pytest.raises(UserError, match="does not match its manifest: exit_layer is 2"):
         open_artifact(copy)
 

@@ -1,14 +1,11 @@
 """The .onnx artifact: numerics against eager, exact self-speculation, weights stored once, bad input."""
 
-import json
-import shutil
-
 import onnx
 import pytest
 import torch
 
 from export.pipeline import ExportConfig, run_export
-from exported import PROMPT, call_sequence, eager_reference, max_diff
+from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff
 from models.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -89,7 +86,7 @@ def test_no_large_tensor_inside_the_graph_files(fp32_onnx):
 
 
 def test_corrupt_onnx_is_refused(fp32_onnx, tmp_path):
-    copy = shutil.copytree(fp32_onnx.directory, tmp_path / "art")
+    copy = copy_artifact(fp32_onnx.directory, tmp_path)
     data = bytearray((copy / "draft.onnx").read_bytes())
     data[10:200] = b"\xff" * 190
     (copy / "draft.onnx").write_bytes(bytes(data))
@@ -98,17 +95,14 @@ def test_corrupt_onnx_is_refused(fp32_onnx, tmp_path):
 
 
 def test_missing_external_data_is_refused(fp32_onnx, tmp_path):
-    copy = shutil.copytree(fp32_onnx.directory, tmp_path / "art")
+    copy = copy_artifact(fp32_onnx.directory, tmp_path)
     (copy / "weights.bin").unlink()
     with pytest.raises(UserError, match="weights.bin' is missing"):
         open_artifact(copy)
 
 
 def test_mismatched_manifest_is_refused(fp32_onnx, tmp_path):
-    copy = shutil.copytree(fp32_onnx.directory, tmp_path / "art")
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["max_seq_len"] = 64
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = copy_artifact(fp32_onnx.directory, tmp_path, max_seq_len=64)
     with pytest.raises(UserError, match="does not match its manifest"):
         open_artifact(copy)
 
