@@ -159,13 +159,17 @@ def build_artifact(target: Path, write: Callable[[Path], Manifest], tokenizer: P
     return manifest
 
 
+def artifact_dir(out: Path | str, target: str) -> Path:
+    """Where a target's artifact goes: OUT/onnx for ONNX, OUT/pte for the ExecuTorch backends."""
+    return Path(out) / ("onnx" if target == "onnx" else "pte")
+
+
 def export_target(cfg: ExportConfig, r: Resolved, model: Transformer, target: str) -> tuple[Manifest, dict]:
     if target == "onnx":
         from export.to_onnx import export_onnx as export_fn
-        directory = Path(cfg.out) / "onnx"
     else:
         from export.to_pte import export_pte as export_fn
-        directory = Path(cfg.out) / "pte"
+    directory = artifact_dir(cfg.out, target)
     stages = Stages(target)
     manifest = build_artifact(directory, lambda tmp: export_fn(cfg, r, model, tmp, stages), r.ckpt.tokenizer_path)
     return manifest, stages.times

@@ -164,10 +164,10 @@ def in_fresh_process(fn, *args) -> None:
 
 
 def export_clean(export_cfg) -> list[Path]:
-    from export.pipeline import run_export
+    from export.pipeline import artifact_dir, run_export
 
     in_fresh_process(run_export, export_cfg)
-    return [export_cfg.out / ("onnx" if t == "onnx" else "pte") for t in export_cfg.targets()]
+    return [artifact_dir(export_cfg.out, t) for t in export_cfg.targets()]
 
 
 def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str) -> bool:

@@ -75,13 +75,13 @@ def random_checkpoint(directory: Path, exit_layer: int, d: int) -> Path:
 def measure_scheme(checkpoint: Path, target: str, scheme: str, exit_layer: int, d: int, max_seq_len: int,
                    work: Path, threads: int) -> dict:
     from export.manifest import read_manifest
-    from export.pipeline import ExportConfig
+    from export.pipeline import ExportConfig, artifact_dir
     from runtime.bench import export_clean, matching_artifact
     from runtime.loader import open_artifact
 
     backend = "onnx" if target == "onnx" else "xnnpack"
     t = time.perf_counter()
-    directory = work / f"{target}-{scheme}" / ("onnx" if target == "onnx" else "pte")
+    directory = artifact_dir(work / f"{target}-{scheme}", backend)
     if not matching_artifact(directory, checkpoint, exit_layer, scheme):  # else reuse --work's earlier export
         export_clean(ExportConfig(model=checkpoint, quant=scheme, backend=backend, max_seq_len=max_seq_len,
                                   max_tokens_per_call=16, out=directory.parent))
