@@ -43,11 +43,16 @@ def parse_args(argv=None) -> ExportConfig:
     p.add_argument("--fused-draft", action="store_true",
                    help="also export draft_greedy (.pte only): d greedy drafts in one call; measured no faster "
                         "than d draft calls on XNNPACK here, and it packs the prefix weights a second time")
+    p.add_argument("--draft-vocab", type=int, default=d.draft_vocab, metavar="K",
+                   help="drafts exit through an LM head over the K most frequent tokens only (rows of the shared "
+                        "head, stored again); verification keeps the full head, so output is unchanged. "
+                        "0: the full head (default)")
     p.add_argument("--out", type=Path, default=d.out, help="output folder; artifacts go to OUT/pte and OUT/onnx")
     a = p.parse_args(argv)
     return ExportConfig(model=a.model, exit_layer=a.exit_layer, num_speculations=a.num_speculations, quant=a.quant,
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
                         backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache,
+                        draft_vocab=a.draft_vocab,
                         methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))
 
 

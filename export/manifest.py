@@ -43,6 +43,11 @@ class Manifest:
     def config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model_config)
 
+    @property
+    def draft_vocab(self) -> int:
+        """K when the drafts exit through a head over K tokens; 0 for the full head."""
+        return int(self.extra.get("draft_vocab", {}).get("size", 0))
+
     def path(self, role: str) -> Path:
         return self.directory / self.files[role]
 
@@ -53,7 +58,8 @@ class Manifest:
 
     def summary(self) -> dict[str, Any]:
         return {"backend": f"{self.format}/{self.backend}", "artifact": str(self.directory), "quant": self.quant,
-                "exit_layer": self.exit_layer, "max_seq_len": self.max_seq_len, "file_sizes": self.file_sizes}
+                "exit_layer": self.exit_layer, "max_seq_len": self.max_seq_len, "file_sizes": self.file_sizes,
+                "draft_vocab": self.draft_vocab, **({"kv_cache": self.extra["kv_cache"]} if "kv_cache" in self.extra else {})}
 
 
 def read_manifest(directory: Path | str) -> Manifest:

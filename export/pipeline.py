@@ -18,7 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from models.checkpoint import DEFAULT_MODEL_DIR, checkpoint_hash, load_model, read_checkpoint
+from models.draft_vocab import check_draft_vocab, draft_vocab_ids
 from models.errors import UserError
 from models.model import Transformer
 from export.manifest import Manifest, write_manifest
@@ -41,6 +44,7 @@ class ExportConfig:
     out: Path = Path("artifacts")
     methods: tuple[str, ...] = DEFAULT_METHODS
     onnx_kv_cache: str = "gqa"  # "gqa" (ONNX Runtime contrib op, in-place) or "sdpa" (standard ops only)
+    draft_vocab: int = 0  # K > 0: drafts exit through a head over the K most frequent tokens only
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -53,6 +57,8 @@ class ExportConfig:
             raise UserError(f"--max-tokens-per-call {self.max_tokens_per_call} must be >= 2.")
         if self.num_speculations is not None and self.num_speculations < 1:
             raise UserError(f"--num-speculations {self.num_speculations} must be >= 1.")
+        if self.draft_vocab < 0:
+            raise UserError(f"--draft-vocab {self.draft_vocab} must be >= 0 (0: the full head).")
         if self.max_seq_len is not None and self.max_seq_len < self.max_tokens_per_call:
             raise UserError(f"--max-seq-len {self.max_seq_len} must be >= --max-tokens-per-call "
                             f"{self.max_tokens_per_call}.")
@@ -76,6 +82,8 @@ class Resolved:
     max_seq_len: int
     ckpt: object
     source_hash: str
+    draft_vocab: Optional[torch.Tensor] = None  # the draft head's token ids, or None for the full head
+    draft_vocab_ranked_by: str = ""
 
 
 class Stages:
@@ -109,7 +117,12 @@ def resolve(cfg: ExportConfig) -> Resolved:
     if max_seq_len < cfg.max_tokens_per_call:
         raise UserError(f"the cache of {max_seq_len} positions is shorter than --max-tokens-per-call "
                         f"{cfg.max_tokens_per_call}; pass a larger --max-seq-len.")
-    return Resolved(int(exit_layer), d, max_seq_len, ckpt, checkpoint_hash(cfg.model))
+    r = Resolved(int(exit_layer), d, max_seq_len, ckpt, checkpoint_hash(cfg.model))
+    vocab = ckpt.config.vocab_size
+    check_draft_vocab(cfg.draft_vocab, vocab)
+    if 0 < cfg.draft_vocab < vocab:
+        r.draft_vocab, r.draft_vocab_ranked_by = draft_vocab_ids(cfg.model, vocab, cfg.draft_vocab)
+    return r
 
 
 def versions() -> dict[str, str]:
@@ -122,12 +135,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def base_manifest(cfg: ExportConfig, r: Resolved, model: Transformer, **kw) -> Manifest:
+def base_manifest(cfg: ExportConfig, r: Resolved, model: Transformer, extra: Optional[dict] = None,
+                  **kw) -> Manifest:
+    extra = dict(extra or {})
+    if r.draft_vocab is not None:
+        extra["draft_vocab"] = {"size": len(r.draft_vocab), "ranked_by": r.draft_vocab_ranked_by}
     return Manifest(
         model_config=model.config.to_dict(), exit_layer=r.exit_layer, num_speculations=r.num_speculations,
         max_seq_len=r.max_seq_len, max_tokens_per_call=cfg.max_tokens_per_call,
         bos_token_id=r.ckpt.bos_token_id, eos_token_ids=r.ckpt.eos_token_ids, group_size=cfg.group_size,
-        source={"path": str(cfg.model), "sha256": r.source_hash}, versions=versions(), **kw)
+        source={"path": str(cfg.model), "sha256": r.source_hash}, versions=versions(), extra=extra, **kw)
 
 
 def replace_directory(tmp: Path, target: Path) -> None:
@@ -181,6 +198,7 @@ def run_export(cfg: ExportConfig) -> list[Manifest]:
         raise UserError(f"checkpoint '{cfg.model}' has no tokenizer.json; the artifact needs one beside it.")
     load = Stages("load")
     model, _ = load.run("load", load_model, cfg.model)
+    model.use_draft_vocab(r.draft_vocab)
     manifests = []
     targets = cfg.targets()
     for i, target in enumerate(targets):
@@ -194,5 +212,6 @@ def run_export(cfg: ExportConfig) -> list[Manifest]:
 def print_summary(m: Manifest, times: dict[str, float]) -> None:
     size = sum(m.file_sizes.values())
     print(f"exported {m.directory}: {m.format} ({m.backend}), methods {', '.join(m.methods)}, quant {m.quant}, "
-          f"E={m.exit_layer}, d={m.num_speculations}, max_seq_len={m.max_seq_len}, {size / 1e6:.1f} MB; "
+          f"E={m.exit_layer}, d={m.num_speculations}, max_seq_len={m.max_seq_len}, "
+          f"draft vocab {m.draft_vocab or 'full'}, {size / 1e6:.1f} MB; "
           + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), file=sys.stderr)

@@ -8,6 +8,9 @@ checkpoint's state dict loads as it is. Batch size is 1 throughout: this is an o
     suffix(hidden, pos, E)  : layers [E, L) -> norm -> LM head   -> logits             [1, T, vocab]
     forward(tokens, pos)    : suffix(prefix(tokens, pos, E), pos, E) for any E
 
+A draft head (use_draft_vocab) restricts the drafts' exited logits to K tokens; verification keeps
+the full head.
+
 Positions are contiguous: a call on T tokens covers positions pos .. pos+T-1, with `input_pos` a
 [1] long tensor holding pos. Each layer's KV cache is a static buffer written by position, so
 rolling back rejected drafts is only moving the position back.
@@ -154,6 +157,27 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class DraftHead(nn.Module):
+    """The drafts' exit head over K chosen tokens: those rows of the LM head, as a [K, dim] linear.
+
+    Drafts can only propose these tokens (the others get logit -inf); verification keeps the full
+    head, so greedy output is unchanged and sampling keeps the model's distribution. It pays where
+    the head is a large share of a draft (vocab 128k: the head is about as costly as 4 layers).
+    """
+
+    def __init__(self, lm_head: nn.Linear, token_ids: torch.Tensor):
+        super().__init__()
+        self.vocab_size = lm_head.out_features
+        self.proj = nn.Linear(lm_head.in_features, len(token_ids), bias=False)
+        self.proj.weight = nn.Parameter(lm_head.weight.detach()[token_ids].clone())
+        self.register_buffer("token_ids", token_ids.long().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sub = self.proj(x)  # [1, T, K]
+        full = torch.full((*sub.shape[:-1], self.vocab_size), float("-inf"), dtype=sub.dtype, device=sub.device)
+        return full.index_copy(-1, self.token_ids, sub)  # [1, T, vocab]
+
+
 @dataclass
 class PrefixOutput:
     hidden: torch.Tensor  # [1, T, dim]: residual stream after layer E-1, the verify suffix's input
@@ -173,6 +197,11 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.caches: nn.ModuleList = nn.ModuleList()
         self.max_seq_len = 0
+        self.draft_head: Optional[DraftHead] = None
+
+    def use_draft_vocab(self, token_ids: Optional[torch.Tensor]) -> None:
+        """Drafts exit through a head over `token_ids` only (None: the full head again)."""
+        self.draft_head = None if token_ids is None else DraftHead(self.lm_head, token_ids)
 
     def setup_caches(self, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> None:
         """Install one static KV cache per layer (zeroed), sized for `max_seq_len` positions."""
@@ -201,12 +230,16 @@ class Transformer(nn.Module):
         """The shared final norm and LM head, applied at any layer: [1, T, dim] -> [1, T, vocab]."""
         return self.lm_head(self.norm(hidden))
 
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The drafts' exited logits: through the draft head when one is set. [1, T, dim] -> [1, T, vocab]."""
+        return self.exit_logits(hidden) if self.draft_head is None else self.draft_head(self.norm(hidden))
+
     def prefix(self, tokens, input_pos, exit_layer: int, logits: str = "last", caches=None) -> PrefixOutput:
-        """Layers [0, E) on tokens [1, T]. `logits`: 'last', 'all' or 'none' exited logits."""
+        """Layers [0, E) on tokens [1, T]. `logits`: 'last', 'all' or 'none' draft logits."""
         hidden = self.run_layers(self.embed_tokens(tokens), input_pos, 0, exit_layer, caches)
         if logits == "none":
             return PrefixOutput(hidden, None)
-        return PrefixOutput(hidden, self.exit_logits(hidden[:, -1:] if logits == "last" else hidden))
+        return PrefixOutput(hidden, self.draft_logits(hidden[:, -1:] if logits == "last" else hidden))
 
     def suffix(self, hidden, input_pos, exit_layer: int, caches=None) -> torch.Tensor:
         """Layers [E, L) on the layer-E hidden states [1, T, dim] -> logits [1, T, vocab]."""

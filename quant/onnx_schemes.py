@@ -4,7 +4,8 @@
     int4  MatMulNBits, 4-bit symmetric weights in blocks of --group-size input channels,
           accuracy level 4 (activations quantized to int8 inside the kernel: the fast CPU path);
           the embedding as GatherBlockQuantized, 4-bit
-    int8  the same kernels with 8-bit weights
+    int8  the same kernels with 8-bit weights; the embedding as GatherBlockQuantized, 8-bit (written
+          here: ONNX Runtime's quantizer does the Gather at 4 bits only)
 
 torchao's 8da4w numerics (the .pte) are not carried into ONNX: ONNX Runtime fuses only its own
 MatMulNBits layout into its fast kernels, so each target uses the quantizer its runtime is fast with.
@@ -84,7 +85,40 @@ def quantize_graph(proto: onnx.ModelProto, bits: int, block_size: int) -> onnx.M
                                      quant_axes=(("MatMul", 0), ("Gather", 1)))
     logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every node at INFO
     quantizer.process()
-    return prune(quantizer.model.model)
+    proto = quantizer.model.model
+    return prune(quantize_gathers_8bit(proto, block_size) if bits == 8 else proto)
+
+
+def quantize_gathers_8bit(proto: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+    """Gather(float table [V, D], ids) -> com.microsoft.GatherBlockQuantized, 8-bit blocks along D.
+
+    Symmetric per block: q = round(w / scale) + 128 as uint8, scale = max|w| / 127, zero point 128.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    for i, node in enumerate(graph.node):
+        if node.op_type != "Gather" or node.input[0] not in initializers:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table = numpy_helper.to_array(initializers[node.input[0]])
+        if axis != 0 or table.dtype != np.float32 or table.ndim != 2 or table.shape[1] % block_size:
+            continue
+        blocks = table.reshape(table.shape[0], -1, block_size)  # [V, D/B, B]
+        scales = np.abs(blocks).max(-1) / 127.0  # [V, D/B]
+        scales[scales == 0] = 1.0
+        q = np.clip(np.round(blocks / scales[..., None]), -127, 127) + 128
+        name = node.input[0]
+        graph.initializer.extend([
+            numpy_helper.from_array(q.astype(np.uint8).reshape(table.shape), name + "_q8"),
+            numpy_helper.from_array(scales.astype(np.float32), name + "_q8_scales"),
+            numpy_helper.from_array(np.full(scales.shape, 128, np.uint8), name + "_q8_zero_points")])
+        graph.node[i].CopyFrom(helper.make_node(
+            "GatherBlockQuantized", [name + "_q8", node.input[1], name + "_q8_scales", name + "_q8_zero_points"],
+            list(node.output), name=(node.name or name) + "_q8", domain="com.microsoft",
+            gather_axis=0, quantize_axis=1, block_size=block_size, bits=8))
+    return proto
 
 
 def quantize_graphs(protos: dict[str, onnx.ModelProto], scheme: str, group_size: int) -> dict[str, onnx.ModelProto]:

@@ -109,6 +109,9 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
     if cfg.rss:
         record.update(probe_rss(record["rss_probe"], [m for m in record["modes"] if m in measure.MODES]))
     m = record["modes"]
+    b = opened.backend
+    record["layer_bound_speedup"] = measure.layer_bound_speedup(b.num_layers, b.exit_layer, d,
+                                                                m["spec"]["mean_tokens_per_step"])
     print(f"[bench] {label}: spec {m['spec']['decode_tokens_per_s']:.1f} tok/s vs AR "
           f"{max(m[k]['decode_tokens_per_s'] for k in ('ar', 'ar_full') if k in m):.1f} -> {m.get('speedup', 0):.2f}x, "
           f"acceptance {m['spec']['acceptance_rate']:.2f}", file=sys.stderr, flush=True)
@@ -170,8 +173,8 @@ def export_clean(export_cfg) -> list[Path]:
     return [artifact_dir(export_cfg.out, t) for t in export_cfg.targets()]
 
 
-def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str) -> bool:
-    """An earlier sweep's artifact for the same checkpoint, exit layer and scheme (reused, not re-exported)."""
+def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str, draft_vocab: int = 0) -> bool:
+    """An earlier sweep's artifact for the same checkpoint, exit layer, scheme and draft vocabulary (reused)."""
     from export.manifest import read_manifest
     from models.checkpoint import checkpoint_hash
     from quant.onnx_schemes import resolve_onnx_scheme
@@ -182,7 +185,8 @@ def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str)
     except UserError:
         return False
     scheme = resolve_onnx_scheme(quant) if m.format == "onnx" else resolve_scheme(quant)
-    return (m.exit_layer, m.quant, m.source.get("sha256")) == (exit_layer, scheme, checkpoint_hash(model))
+    return (m.exit_layer, m.quant, m.draft_vocab, m.source.get("sha256")) == (
+        exit_layer, scheme, draft_vocab, checkpoint_hash(model))
 
 
 def export_grid(cfg: BenchConfig) -> list[Path]:
@@ -201,6 +205,14 @@ def open_target(spec: dict, threads: int, preload: Optional[tuple[str, ...]] = N
     return open_artifact(spec["path"], threads=threads, preload=preload)
 
 
+def artifact_label(facts: dict) -> str:
+    """e.g. 'pte/xnnpack 8da4w', 'onnx/onnxruntime matmulnbits-int4 sdpa', '... draft vocab 1024'."""
+    label = f"{facts['backend']} {facts.get('quant', 'fp32')}"
+    if facts.get("kv_cache", "gqa") != "gqa":
+        label += f" {facts['kv_cache']}"
+    return label + (f" draft vocab {facts['draft_vocab']}" if facts.get("draft_vocab") else "")
+
+
 def run_benchmarks(cfg: BenchConfig) -> dict:
     texts = [p["prompt"] for p in prompt_set(cfg.prompts)[:cfg.limit]]
     artifacts = list(cfg.artifacts) + (export_grid(cfg) if cfg.export else [])
@@ -210,7 +222,7 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
     results = {"machine": machine(), "settings": settings(cfg), "runs": []}
     for spec in specs:
         opened = open_target(spec, cfg.threads)
-        label = f"{opened.facts['backend']} {opened.facts.get('quant', 'fp32')}"
+        label = artifact_label(opened.facts)
         results["runs"].append(bench_one(label, opened, spec, texts, cfg))
         del opened
     if cfg.peers:
@@ -288,7 +300,8 @@ def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
                                      modes=("spec",))["spec"]
             point = {"exit_layer": e, "num_speculations": d, "spec_tokens_per_s": spec["decode_tokens_per_s"],
                      "ar_tokens_per_s": ar, "speedup": spec["decode_tokens_per_s"] / ar,
-                     "acceptance_rate": spec["acceptance_rate"], "mean_tokens_per_step": spec["mean_tokens_per_step"]}
+                     "acceptance_rate": spec["acceptance_rate"], "mean_tokens_per_step": spec["mean_tokens_per_step"],
+                     "layer_bound_speedup": measure.layer_bound_speedup(n, e, d, spec["mean_tokens_per_step"])}
             surface.append(point)
             print(f"[sweep] E={e} d={d}: {point['speedup']:.2f}x (acceptance {point['acceptance_rate']:.2f})",
                   file=sys.stderr, flush=True)
@@ -312,8 +325,8 @@ def markdown(results: dict) -> str:
              + (f" (~{statistics.median(baselines):.0f} MB before any model is opened)." if baselines else ".")]
     if results["runs"]:
         lines += ["", "| artifact | size MB | held-out loss | AR tok/s (draft+verify) | AR tok/s (full call) | "
-                  "self-spec tok/s | speedup | acceptance | tokens/step | TTFT ms | draft ms | verify d+1 ms | full ms | "
-                  "RSS AR full MB | RSS AR MB | RSS spec MB |", "|" + "---|" * 16]
+                  "self-spec tok/s | speedup | layer bound | acceptance | tokens/step | TTFT ms | draft ms | "
+                  "verify d+1 ms | full ms | RSS AR full MB | RSS AR MB | RSS spec MB |", "|" + "---|" * 17]
         for r in results["runs"]:
             m, c = r["modes"], r["calls_ms"]
             rss = r.get("peak_rss_mb") or {}
@@ -322,6 +335,7 @@ def markdown(results: dict) -> str:
                      f"{m['ar']['decode_tokens_per_s']:.1f}",
                      f"{m['ar_full']['decode_tokens_per_s']:.1f}" if "ar_full" in m else "-",
                      f"{m['spec']['decode_tokens_per_s']:.1f}", f"**{m['speedup']:.2f}x**",
+                     f"{r['layer_bound_speedup']:.2f}x" if "layer_bound_speedup" in r else "-",
                      f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
                      f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
                      f"{c['full_1']:.3f}" if "full_1" in c else "-",
@@ -337,14 +351,19 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {name} | {p['modes']['spec']['decode_tokens_per_s']:.1f} | {p['size_mb']:.1f} MB, "
                              f"peak RSS {(p.get('peak_rss_mb') or {}).get('spec') or 0:.0f} MB |")
     if "sweep" in results:
-        lines += ["", "| E | d | speedup | acceptance | tokens/step | self-spec tok/s | AR tok/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| E | d | speedup | layer bound | acceptance | tokens/step | self-spec tok/s | AR tok/s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in results["sweep"]["surface"]:
-            lines.append(f"| {p['exit_layer']} | {p['num_speculations']} | {p['speedup']:.2f}x | "
+            bound = f"{p['layer_bound_speedup']:.2f}x" if "layer_bound_speedup" in p else "-"
+            lines.append(f"| {p['exit_layer']} | {p['num_speculations']} | {p['speedup']:.2f}x | {bound} | "
                          f"{p['acceptance_rate']:.2f} | {p['mean_tokens_per_step']:.2f} | "
                          f"{p['spec_tokens_per_s']:.1f} | {p['ar_tokens_per_s']:.1f} |")
         b = results["sweep"]["best"]
         lines.append(f"\nBest on this machine: E={b['exit_layer']}, d={b['num_speculations']} ({b['speedup']:.2f}x).")
+    if any("layer_bound_speedup" in r for r in results["runs"]) or "sweep" in results:
+        lines.append("\nLayer bound: the speedup the measured tokens/step allow at best, if a call cost only the "
+                     "layers it runs (no extra cost for d+1 tokens, free LM head and overheads); "
+                     "runtime/measure.py: layer_bound_speedup.")
     return "\n".join(lines) + "\n"
 
 

@@ -139,6 +139,15 @@ def predicted_speedup(calls: dict, d: int, acceptance: float) -> float:
     return tokens_per_step * ar / step
 
 
+def layer_bound_speedup(num_layers: int, exit_layer: int, d: int, tokens_per_step: float) -> float:
+    """The most self-speculation can gain at a measured tokens/step, under costs that favour it:
+    a call costs the layers it runs, whatever its token count (memory-bound), and the LM head and
+    per-call overheads are free. A step runs (d+1) x E draft layers + L-E verify layers for
+    tokens_per_step tokens; plain decoding runs L layers per token. No runtime can beat this bound
+    without a better model (higher acceptance at a lower E)."""
+    return tokens_per_step * num_layers / ((d + 1) * exit_layer + num_layers - exit_layer)
+
+
 # ---------------------------------------------------------------- quality through the artifact
 
 

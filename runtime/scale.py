@@ -1,10 +1,11 @@
 """Beyond the toy model: per-call costs of a Llama-3.2-1B-shaped model, and the speedups they predict.
 
-    python -m runtime.scale [--schemes pte:int4 onnx:int4 pte:none] [--exit-layer 4] [--num-speculations 4]
+    python -m runtime.scale [--schemes pte:int4 pte:int4:16384 onnx:int4 pte:none] [--exit-layer 4]
 
 Random weights in the Llama 3.2 1B shape (16 layers, hidden 2048, GQA 32/8, vocab 128256, tied
 embeddings, llama3 RoPE scaling). For each backend and scheme: median latency of a draft call
-(1 token), verify calls (1 .. d+1 tokens) and a full-model step; this machine's memory bandwidth;
+(1 token), verify calls (1 .. d+1 tokens) and a full-model step, optionally with a draft head over
+the first K token ids (target:scheme:K); this machine's memory bandwidth;
 the bandwidth roofline of a full step (weight bytes read per token / bandwidth); and the speedup
 these measured costs *predict* at a range of acceptance rates. Random weights accept nothing, so
 no speedup is measured here, only predicted. Writes scale.json and scale.md to --out.
@@ -72,8 +73,8 @@ def random_checkpoint(directory: Path, exit_layer: int, d: int) -> Path:
     return directory
 
 
-def measure_scheme(checkpoint: Path, target: str, scheme: str, exit_layer: int, d: int, max_seq_len: int,
-                   work: Path, threads: int) -> dict:
+def measure_scheme(checkpoint: Path, target: str, scheme: str, draft_vocab: int, exit_layer: int, d: int,
+                   max_seq_len: int, work: Path, threads: int) -> dict:
     from export.manifest import read_manifest
     from export.pipeline import ExportConfig, artifact_dir
     from runtime.bench import export_clean, matching_artifact
@@ -81,10 +82,10 @@ def measure_scheme(checkpoint: Path, target: str, scheme: str, exit_layer: int, 
 
     backend = "onnx" if target == "onnx" else "xnnpack"
     t = time.perf_counter()
-    directory = artifact_dir(work / f"{target}-{scheme}", backend)
-    if not matching_artifact(directory, checkpoint, exit_layer, scheme):  # else reuse --work's earlier export
+    directory = artifact_dir(work / (f"{target}-{scheme}" + (f"-{draft_vocab}" if draft_vocab else "")), backend)
+    if not matching_artifact(directory, checkpoint, exit_layer, scheme, draft_vocab):  # else reuse --work's export
         export_clean(ExportConfig(model=checkpoint, quant=scheme, backend=backend, max_seq_len=max_seq_len,
-                                  max_tokens_per_call=16, out=directory.parent))
+                                  max_tokens_per_call=16, draft_vocab=draft_vocab, out=directory.parent))
     export_s = time.perf_counter() - t
     manifest = read_manifest(directory)
     opened = open_artifact(directory, threads=threads)
@@ -92,7 +93,8 @@ def measure_scheme(checkpoint: Path, target: str, scheme: str, exit_layer: int, 
     size = sum(manifest.file_sizes.values())
     del opened
     gc.collect()
-    return {"target": target, "scheme": manifest.quant, "size_mb": size / 1e6, "export_s": export_s,
+    return {"target": target, "scheme": manifest.quant, "draft_vocab": draft_vocab, "size_mb": size / 1e6,
+            "export_s": export_s,
             "calls_ms": calls}
 
 
@@ -104,12 +106,12 @@ def markdown(result: dict) -> str:
     d = result["num_speculations"]
     lines = [f"Llama-3.2-1B shape, random weights, E={result['exit_layer']}, d={d}; {result['machine']['cpu']}, "
              f"{result['machine']['cores']} cores; memory copy bandwidth {result['bandwidth_gbs']:.1f} GB/s.", "",
-             "| backend | scheme | size MB | draft 1 tok ms | verify 1 ms | verify d+1 ms | full step ms | "
+             "| backend | scheme | draft vocab | size MB | draft 1 tok ms | verify 1 ms | verify d+1 ms | full step ms | "
              "roofline ms | " + " | ".join(f"predicted @{a}" for a in ACCEPTANCE_RATES) + " |",
-             "|" + "---|" * (8 + len(ACCEPTANCE_RATES))]
+             "|" + "---|" * (9 + len(ACCEPTANCE_RATES))]
     for r in result["runs"]:
         c = r["calls_ms"]
-        cells = [r["target"], r["scheme"], f"{r['size_mb']:.0f}", f"{c['draft_1']:.1f}", f"{c['verify_1']:.1f}",
+        cells = [r["target"], r["scheme"], str(r.get("draft_vocab") or "full"), f"{r['size_mb']:.0f}", f"{c['draft_1']:.1f}", f"{c['verify_1']:.1f}",
                  f"{c[f'verify_{d + 1}']:.1f}", f"{c.get('full_1', float('nan')):.1f}", f"{r['roofline_ms']:.1f}"]
         cells += [f"{r['predicted_speedup'][f'{a:.1f}']:.2f}x" for a in ACCEPTANCE_RATES]
         lines.append("| " + " | ".join(cells) + " |")
@@ -127,7 +129,7 @@ BITS = {"none": 32, "8da4w": 4.5, "8da8w": 8.5, "int4": 4.5, "int8": 8.5}  # inc
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="*", default=["pte:int4", "onnx:int4", "pte:none"],
-                   help="target:scheme pairs (target pte or onnx)")
+                   help="target:scheme[:K] (target pte or onnx; K: a draft head over K tokens)")
     p.add_argument("--exit-layer", type=int, default=4)
     p.add_argument("--num-speculations", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=512)
@@ -148,11 +150,12 @@ def main(argv=None) -> int:
         result = {"machine": machine(), "exit_layer": a.exit_layer, "num_speculations": a.num_speculations,
                   "config": LLAMA_3_2_1B.to_dict(), "bandwidth_gbs": bandwidth, "runs": []}
         for pair in a.schemes:
-            target, scheme = pair.split(":")
-            print(f"[scale] {target} {scheme}", file=sys.stderr, flush=True)
+            target, scheme, *k = pair.split(":")
+            draft_vocab = int(k[0]) if k else 0
+            print(f"[scale] {target} {scheme} draft vocab {draft_vocab or 'full'}", file=sys.stderr, flush=True)
             try:
-                r = measure_scheme(checkpoint, target, scheme, a.exit_layer, a.num_speculations, a.max_seq_len,
-                                   work, a.threads)
+                r = measure_scheme(checkpoint, target, scheme, draft_vocab, a.exit_layer, a.num_speculations,
+                                   a.max_seq_len, work, a.threads)
             except UserError as e:  # e.g. the fp32 .pte lowering needs more memory than this machine has
                 print(f"[scale] {target} {scheme} skipped: {e}", file=sys.stderr, flush=True)
                 result["skipped"] = result.get("skipped", []) + [{"target": target, "scheme": scheme, "why": str(e)}]

@@ -36,3 +36,10 @@ def test_predicted_speedup_is_tokens_per_step_times_cost_ratio():
     calls = {"draft_1": 1.0, "verify_3": 2.0, "ar_step_split": 4.0, "full_1": 3.0}
     # d=2, acceptance 0.5: 1 + 0.5 + 0.25 tokens per step; step = 3 drafts + verify(3) = 5; AR = 3 per token
     assert measure.predicted_speedup(calls, 2, 0.5) == pytest.approx(1.75 * 3.0 / 5.0)
+
+
+def test_layer_bound_counts_layer_passes_per_token():
+    # L=8, E=4, d=4: a step runs 5 x 4 draft layers + 4 verify layers = 24 layer passes; AR runs 8 per token.
+    assert measure.layer_bound_speedup(8, 4, 4, 4.25) == pytest.approx(4.25 * 8 / 24)
+    # every draft accepted at E=2, d=3: 4 tokens for 4 x 2 + 6 = 14 layer passes
+    assert measure.layer_bound_speedup(8, 2, 3, 4.0) == pytest.approx(32 / 14)

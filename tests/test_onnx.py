@@ -114,3 +114,39 @@ def test_cuda_without_a_gpu_is_a_clear_error(fp32_onnx):
         pytest.skip("a GPU is present")
     with pytest.raises(UserError, match="CUDA"):
         open_artifact(fp32_onnx.directory, provider="cuda")
+
+
+def test_8bit_embedding_gathers_the_dequantized_rows():
+    """quantize_gathers_8bit: ONNX Runtime's GatherBlockQuantized returns each row within half a step."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quant.onnx_schemes import quantize_gathers_8bit
+
+    table = np.random.default_rng(0).normal(size=(50, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [3, 64])],
+        [numpy_helper.from_array(table, "table")])
+    proto = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto = quantize_gathers_8bit(proto, 32)
+    assert [n.op_type for n in proto.graph.node] == ["GatherBlockQuantized"]
+    ids = np.array([0, 7, 49])
+    rows = ort.InferenceSession(proto.SerializeToString()).run(None, {"ids": ids})[0]
+    step = np.abs(table[ids].reshape(3, 2, 32)).max(-1, keepdims=True) / 127
+    assert (np.abs(rows - table[ids]).reshape(3, 2, 32) <= step / 2 + 1e-6).all()
+    assert np.abs(rows - table[ids]).max() > 0  # it is quantized
+
+
+def test_int8_artifact_quantizes_linears_and_embedding(tiny_checkpoint, tmp_path):
+    m = export(tiny_checkpoint, tmp_path, quant="int8")
+    nodes = onnx.load(str(m.path("draft")), load_external_data=False).graph.node
+    ops = {n.op_type for n in nodes}
+    assert "MatMulNBits" in ops and "GatherBlockQuantized" in ops and "MatMul" not in ops
+    backend = open_artifact(m.directory).backend
+    ar = generate(backend, PROMPT, GenerationConfig(max_new_tokens=30, self_speculative=False))
+    spec = generate(backend, PROMPT, GenerationConfig(max_new_tokens=30, num_speculations=3))
+    assert spec.tokens == ar.tokens
