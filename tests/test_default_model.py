@@ -45,3 +45,13 @@ def test_model_card_states_the_trained_facts():
     assert re.search(r"python -m models\.train .*--steps %d" % log["config"]["steps"], card)
     for loss in log["final_heldout_loss"].values():
         assert f"{loss:.3f}" in card
+
+
+def test_shipped_token_counts_cover_the_training_split():
+    from models.draft_vocab import COUNTS_FILE, draft_vocab_ids
+
+    counts = json.loads((DEFAULT_MODEL_DIR / COUNTS_FILE).read_text())["counts"]
+    log = json.loads((DEFAULT_MODEL_DIR / "train_log.json").read_text())
+    assert sum(counts) == log["corpus"]["train_tokens"]
+    ids, ranked_by = draft_vocab_ids(DEFAULT_MODEL_DIR, len(counts), 8)
+    assert ranked_by == COUNTS_FILE and min(counts[i] for i in ids) >= sorted(counts)[-8]
