@@ -292,15 +292,15 @@ def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
         opened = open_artifact(directory / "pte", threads=cfg.threads)
         prompts, _ = encode_prompts(opened, texts, cfg.max_new_tokens)
         eos = tuple(opened.eos_token_ids)
-        base = measure.run_modes(opened.backend, prompts, 1, cfg.max_new_tokens, eos, cfg.repeats,
-                                 modes=("ar", "ar_full"))
-        ar = max(base[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in base)
         for d in cfg.draft_lengths:
-            spec = measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats,
-                                     modes=("spec",))["spec"]
+            # the baseline is re-measured beside each d, interleaved repeat by repeat, so that the machine's
+            # drift over the minutes of a sweep does not skew one ratio against another
+            run = measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats)
+            spec = run["spec"]
             point = {"exit_layer": e, "num_speculations": d, "spec_tokens_per_s": spec["decode_tokens_per_s"],
-                     "ar_tokens_per_s": ar, "speedup": spec["decode_tokens_per_s"] / ar,
+                     "ar_tokens_per_s": spec["decode_tokens_per_s"] / run["speedup"], "speedup": run["speedup"],
                      "acceptance_rate": spec["acceptance_rate"], "mean_tokens_per_step": spec["mean_tokens_per_step"],
+                     "greedy_identical_fraction": run["greedy_identical_fraction"],
                      "layer_bound_speedup": measure.layer_bound_speedup(n, e, d, spec["mean_tokens_per_step"])}
             surface.append(point)
             print(f"[sweep] E={e} d={d}: {point['speedup']:.2f}x (acceptance {point['acceptance_rate']:.2f})",

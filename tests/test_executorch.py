@@ -1,8 +1,10 @@
 """The .pte artifact: numerics against eager, exact self-speculation, weights stored once, bad input."""
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +180,31 @@ def test_failed_export_leaves_the_existing_artifact_untouched(tiny_checkpoint, f
         export(tiny_checkpoint, out)
     assert (out / "pte" / "model.pte").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["pte"]  # no temporary directory left behind
+
+
+def test_sweep_pairs_each_point_with_its_own_baseline_and_writes_the_best(tiny_checkpoint, fp32_pte, tmp_path):
+    from runtime.bench import BenchConfig, run_sweep
+    from runtime.measure import layer_bound_speedup
+
+    model = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))  # --write-recommended writes here
+    e = fp32_pte.exit_layer
+    reused = Path(shutil.copytree(fp32_pte.directory, tmp_path / "out" / "sweep" / f"e{e}" / "pte"))
+    before = (reused / "manifest.json").stat().st_mtime_ns
+    cfg = BenchConfig(model=model, sweep=True, exit_layers=(e,), draft_lengths=(1, 3), sweep_quant="none",
+                      repeats=2, max_new_tokens=24, write_recommended=True, out=tmp_path / "out")
+    sweep = run_sweep(cfg, ["def add(a, b):\n", "class Point:\n", "for i in range(10):\n"])
+
+    assert (reused / "manifest.json").stat().st_mtime_ns == before  # the matching artifact is not re-exported
+    assert [(p["exit_layer"], p["num_speculations"]) for p in sweep["surface"]] == [(e, 1), (e, 3)]
+    for p in sweep["surface"]:
+        assert p["greedy_identical_fraction"] == 1.0
+        assert p["speedup"] == pytest.approx(p["spec_tokens_per_s"] / p["ar_tokens_per_s"])
+        assert p["layer_bound_speedup"] == pytest.approx(
+            layer_bound_speedup(4, e, p["num_speculations"], p["mean_tokens_per_step"]))
+    # each d carries its own baseline, measured beside it
+    assert sweep["surface"][0]["ar_tokens_per_s"] != sweep["surface"][1]["ar_tokens_per_s"]
+    best = max(sweep["surface"], key=lambda p: p["speedup"])
+    assert sweep["best"] == best
+    written = json.loads((model / "layerskip.json").read_text())
+    assert (written["exit_layer"], written["num_speculations"]) == (e, best["num_speculations"])
+    assert written["measured"]["speedup"] == round(best["speedup"], 3)
