@@ -335,7 +335,7 @@ def markdown(results: dict) -> str:
                      f"{m['ar']['decode_tokens_per_s']:.1f}",
                      f"{m['ar_full']['decode_tokens_per_s']:.1f}" if "ar_full" in m else "-",
                      f"{m['spec']['decode_tokens_per_s']:.1f}", f"**{m['speedup']:.2f}x**",
-                     f"{r['layer_bound_speedup']:.2f}x" if "layer_bound_speedup" in r else "-",
+                     f"{r['layer_bound_speedup']:.2f}x",
                      f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
                      f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
                      f"{c['full_1']:.3f}" if "full_1" in c else "-",
@@ -354,13 +354,13 @@ def markdown(results: dict) -> str:
         lines += ["", "| E | d | speedup | layer bound | acceptance | tokens/step | self-spec tok/s | AR tok/s |",
                   "|---|---|---|---|---|---|---|---|"]
         for p in results["sweep"]["surface"]:
-            bound = f"{p['layer_bound_speedup']:.2f}x" if "layer_bound_speedup" in p else "-"
-            lines.append(f"| {p['exit_layer']} | {p['num_speculations']} | {p['speedup']:.2f}x | {bound} | "
+            lines.append(f"| {p['exit_layer']} | {p['num_speculations']} | {p['speedup']:.2f}x | "
+                         f"{p['layer_bound_speedup']:.2f}x | "
                          f"{p['acceptance_rate']:.2f} | {p['mean_tokens_per_step']:.2f} | "
                          f"{p['spec_tokens_per_s']:.1f} | {p['ar_tokens_per_s']:.1f} |")
         b = results["sweep"]["best"]
         lines.append(f"\nBest on this machine: E={b['exit_layer']}, d={b['num_speculations']} ({b['speedup']:.2f}x).")
-    if any("layer_bound_speedup" in r for r in results["runs"]) or "sweep" in results:
+    if results["runs"] or "sweep" in results:
         lines.append("\nLayer bound: the speedup the measured tokens/step allow at best, if a call cost only the "
                      "layers it runs (no extra cost for d+1 tokens, free LM head and overheads); "
                      "runtime/measure.py: layer_bound_speedup.")

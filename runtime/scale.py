@@ -94,8 +94,7 @@ def measure_scheme(checkpoint: Path, target: str, scheme: str, draft_vocab: int,
     del opened
     gc.collect()
     return {"target": target, "scheme": manifest.quant, "draft_vocab": draft_vocab, "size_mb": size / 1e6,
-            "export_s": export_s,
-            "calls_ms": calls}
+            "export_s": export_s, "calls_ms": calls}
 
 
 def predictions(calls: dict, d: int) -> dict:
@@ -111,7 +110,8 @@ def markdown(result: dict) -> str:
              "|" + "---|" * (9 + len(ACCEPTANCE_RATES))]
     for r in result["runs"]:
         c = r["calls_ms"]
-        cells = [r["target"], r["scheme"], str(r.get("draft_vocab") or "full"), f"{r['size_mb']:.0f}", f"{c['draft_1']:.1f}", f"{c['verify_1']:.1f}",
+        cells = [r["target"], r["scheme"], str(r.get("draft_vocab") or "full"), f"{r['size_mb']:.0f}",
+                 f"{c['draft_1']:.1f}", f"{c['verify_1']:.1f}",
                  f"{c[f'verify_{d + 1}']:.1f}", f"{c.get('full_1', float('nan')):.1f}", f"{r['roofline_ms']:.1f}"]
         cells += [f"{r['predicted_speedup'][f'{a:.1f}']:.2f}x" for a in ACCEPTANCE_RATES]
         lines.append("| " + " | ".join(cells) + " |")
