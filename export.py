@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD
-from export.pipeline import BACKENDS, ExportConfig, run_export
+from export.pipeline import BACKENDS, DEFAULT_GROUP_SIZE, ExportConfig, run_export
 from models.checkpoint import DEFAULT_MODEL_DIR
-from models.errors import UserError
+from runtime.errors import UserError
 
 
 def parse_args(argv=None) -> ExportConfig:
@@ -33,7 +33,10 @@ def parse_args(argv=None) -> ExportConfig:
     p.add_argument("--exit-layer", type=int, help="E: the draft runs layers [0, E) (default: the model's recommended)")
     p.add_argument("--num-speculations", type=int, help="d: draft tokens per step (default: the recommended)")
     p.add_argument("--quant", default=d.quant, help="none, int8, int4, 8da8w or 8da4w (see above)")
-    p.add_argument("--group-size", type=int, default=d.group_size, help="int4 weight group size")
+    p.add_argument("--group-size", type=int,
+                   help="4-bit weight layout: input channels per scale; 0 = one scale per output channel (.pte "
+                        "only); .onnx takes 16..256 (default per target: " +
+                        ", ".join(f"{t} {g}" for t, g in DEFAULT_GROUP_SIZE.items()) + ")")
     p.add_argument("--max-seq-len", type=int, help="KV cache positions (default: min(max_position_embeddings, 2048))")
     p.add_argument("--max-tokens-per-call", type=int, default=d.max_tokens_per_call,
                    help="most tokens per draft/verify call; prompts are fed in chunks of this size")
@@ -49,12 +52,16 @@ def parse_args(argv=None) -> ExportConfig:
                    help="drafts exit through an LM head over the K most frequent tokens only (rows of the shared "
                         "head, stored again); verification keeps the full head, so output is unchanged. "
                         "0: the full head (default)")
+    p.add_argument("--draft-threshold", type=float, metavar="TAU",
+                   help="adaptive drafting: stop a step's drafts when the exit's top-1 probability falls below "
+                        "TAU; stored in the artifact as the runtime's default (default: the model's recommended, "
+                        "else 0 = always d drafts)")
     p.add_argument("--out", type=Path, default=d.out, help="output folder; artifacts go to OUT/pte and OUT/onnx")
     a = p.parse_args(argv)
     return ExportConfig(model=a.model, exit_layer=a.exit_layer, num_speculations=a.num_speculations, quant=a.quant,
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
                         backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache,
-                        draft_vocab=a.draft_vocab,
+                        draft_vocab=a.draft_vocab, draft_threshold=a.draft_threshold,
                         methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))
 
 

@@ -92,13 +92,6 @@ def method_module(name: str, model: Transformer, exit_layer: int, draft_length: 
             "forward_all": lambda: FullLogitsMethod(model)}[name]()
 
 
-def method_layers(name: str, exit_layer: int, n_layers: int) -> range:
-    """The layers whose KV cache a method reads and writes."""
-    if name in ("draft", "draft_greedy"):
-        return range(0, exit_layer)
-    return range(exit_layer, n_layers) if name == "verify" else range(0, n_layers)
-
-
 def output_names(name: str) -> list[str]:
     return {"draft": ["hidden", "logits"], "draft_greedy": ["drafts", "hidden"]}.get(name, ["logits"])
 

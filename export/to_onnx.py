@@ -19,23 +19,16 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 from torch.export import Dim
 
-from export.methods import example_inputs, has_dynamic_tokens, method_layers, method_module, output_names
+from export.methods import example_inputs, has_dynamic_tokens, method_module, output_names
 from export.onnx_attention import CACHE_KINDS
-from models.errors import UserError
+from runtime.artifact import cache_input_names, cache_output_names, method_layers
+from runtime.errors import UserError
 from models.model import Transformer
 
 WEIGHTS_FILE = "weights.bin"
 INLINE_BYTES = 1024  # initializers smaller than this stay inside each graph
 ALIGN = 64
 OPSET = 21
-
-
-def cache_input_names(layers: range) -> list[str]:
-    return [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")]
-
-
-def cache_output_names(layers: range) -> list[str]:
-    return [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")]
 
 
 class WithExternalCaches(nn.Module):
@@ -134,7 +127,7 @@ def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
     methods = [m for m in cfg.methods if m != "draft_greedy"]
     protos = stages.run("trace", trace, model, methods, r.exit_layer, r.max_seq_len,
                         cfg.max_tokens_per_call, kind, r.num_speculations)
-    protos = stages.run("quantize", quantize_graphs, protos, scheme, cfg.group_size)
+    protos = stages.run("quantize", quantize_graphs, protos, scheme, cfg.group_size_for("onnx", model.config))
     files = stages.run("save", save_shared, protos, directory)
     stages.run("check", check, directory, files)
     return base_manifest(cfg, r, model, format="onnx", files=files, file_sizes={}, methods=methods,

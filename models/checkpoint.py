@@ -15,7 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.config import ModelConfig
-from models.errors import UserError
+from runtime.artifact import read_json
+from runtime.errors import UserError
 from models.model import Transformer, rope_inverse_frequencies
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
@@ -36,15 +37,6 @@ class Checkpoint:
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{what} '{path}' does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} '{path}' is not valid JSON ({e}); restore or regenerate the file.") from None
 
 
 def _token_ids(value) -> list[int]:

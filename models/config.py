@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from models.errors import UserError
+from runtime.artifact import check_exit_layer
+from runtime.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,7 @@ class ModelConfig:
 
     def check_exit_layer(self, exit_layer: int) -> int:
         """The draft prefix is layers [0, E) and the verify suffix [E, L): both must be non-empty."""
-        last = self.num_hidden_layers - 1
-        if not isinstance(exit_layer, int) or not 1 <= exit_layer <= last:
-            raise UserError(
-                f"exit layer {exit_layer} is out of range: this model has {self.num_hidden_layers} layers, "
-                f"so pass --exit-layer between 1 and {last}.")
-        return exit_layer
+        return check_exit_layer(exit_layer, self.num_hidden_layers)
 
     # ---- Hugging Face config.json ----
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from models.errors import UserError
+from runtime.errors import UserError
 
 HELDOUT_PERCENT = 3  # files whose path hashes below this go to the held-out split
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import UserError
+from runtime.errors import UserError
 
 COUNTS_FILE = "token_counts.json"
 

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from models.checkpoint import DEFAULT_MODEL_DIR, load_model, write_json
 from models.data import corpus_files, encode_files, humaneval_prompts, split_files
-from models.errors import UserError
-from models.tokenizer import TextTokenizer
+from runtime.errors import UserError
+from runtime.tokenizer import TextTokenizer
 
 DRAFT_LENGTHS = (2, 4, 6)
 

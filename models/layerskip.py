@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import UserError
+from runtime.errors import UserError
 from models.model import Transformer
 
 DROPOUT_SCALES = ("exp", "linear", "uniform")

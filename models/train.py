@@ -32,7 +32,7 @@ from tqdm import tqdm
 from models.checkpoint import atomic_write, load_model, save_checkpoint, write_json
 from models.config import ModelConfig
 from models.data import corpus_files, corpus_hash, encode_files, read_text, split_files
-from models.errors import UserError
+from runtime.errors import UserError
 from models.layerskip import LayerSkipLoss, LayerSkipRecipe
 from models.model import Transformer
 from models.tokenizer import BOS, EOS, train_bpe_tokenizer

@@ -1,7 +1,7 @@
 """ONNX Runtime's own weight quantization of the exported graphs (the .onnx path).
 
     none  float32
-    int4  MatMulNBits, 4-bit symmetric weights in blocks of --group-size input channels,
+    int4  MatMulNBits, 4-bit symmetric weights in blocks of --group-size (16..256) input channels,
           accuracy level 4 (activations quantized to int8 inside the kernel: the fast CPU path);
           the embedding as GatherBlockQuantized, 4-bit
     int8  the same kernels with 8-bit weights; the embedding as GatherBlockQuantized, 8-bit (written
@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import onnx
 
-from models.errors import UserError
+from runtime.errors import UserError
 
 ONNX_SCHEMES = ("none", "int4", "int8")
 ALIASES = {"fp32": "none", "8da4w": "int4", "8da8w": "int8"}
@@ -30,6 +30,15 @@ def resolve_onnx_scheme(name: str) -> str:
         raise UserError(f"unknown quantization scheme {name!r}; use one of "
                         f"{', '.join(sorted(set(ONNX_SCHEMES) | set(ALIASES)))}.")
     return scheme
+
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise UserError(f"--group-size {block_size} is not an ONNX Runtime MatMulNBits block size; use one of "
+                        f"{', '.join(map(str, BLOCK_SIZES))} for .onnx (it has no per-channel layout).")
 
 
 def fold_transposed_weights(proto: onnx.ModelProto) -> onnx.ModelProto:

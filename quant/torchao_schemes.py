@@ -1,8 +1,9 @@
 """torchao quantization applied to the model before torch.export (the .pte path).
 
     none   float32
-    8da4w  int8 dynamic per-token activations x int4 weights, per group of G input channels;
-           embedding int4 weight-only per group                  (what --quant int4 means on XNNPACK)
+    8da4w  int8 dynamic per-token activations x int4 weights, per group of G input channels
+           (G = 0: one scale per output channel); embedding int4 weight-only, same layout
+                                                                 (what --quant int4 means on XNNPACK)
     8da8w  int8 dynamic activations x int8 weights per output channel;
            embedding int8 weight-only per channel                (what --quant int8 means on XNNPACK)
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.errors import UserError
+from runtime.errors import UserError
 from models.model import Transformer
 
 SCHEMES = ("none", "8da4w", "8da8w")
@@ -31,8 +32,9 @@ def resolve_scheme(name: str) -> str:
 
 
 def check_group_size(group_size: int) -> None:
-    if group_size < 1 or group_size & (group_size - 1):
-        raise UserError(f"--group-size {group_size} must be a power of two (e.g. 32, 64, 128).")
+    if group_size != 0 and (group_size < 16 or group_size & (group_size - 1)):
+        raise UserError(f"--group-size {group_size} must be 0 (one scale per output channel) or a power of two "
+                        f">= 16 (e.g. 32, 64, 128) for the .pte.")
 
 
 def linear_filter(group_size: int):
@@ -52,7 +54,7 @@ def quantize_model(model: Transformer, scheme: str, group_size: int = 32) -> Tra
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     if scheme == "8da4w":
-        weight_dtype, granularity, groups = torch.int4, PerGroup(group_size), group_size
+        weight_dtype, granularity, groups = torch.int4, PerGroup(group_size) if group_size else PerAxis(0), group_size
     else:
         weight_dtype, granularity, groups = torch.int8, PerAxis(0), 0
     untie(model)

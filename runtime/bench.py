@@ -26,9 +26,10 @@ from typing import Optional
 
 from models.checkpoint import DEFAULT_MODEL_DIR, RECOMMENDED_FILE, write_json
 from models.data import prompt_set
-from models.errors import UserError
+from runtime.errors import UserError
 from runtime import measure
-from runtime.loader import Opened, open_artifact, open_checkpoint
+from runtime.loader import Opened, open_artifact, open_checkpoint, open_target
+from runtime.rss import rss_probe
 
 SCHEMES = ("none", "int8", "int4")
 
@@ -50,6 +51,8 @@ class BenchConfig:
     sweep: bool = False
     exit_layers: tuple[int, ...] = ()
     draft_lengths: tuple[int, ...] = (2, 3, 4, 6)
+    draft_thresholds: tuple[float, ...] = (0.0,)
+    sweep_target: str = "pte"
     sweep_quant: str = "int4"
     write_recommended: bool = False
     out: Path = Path("bench_results")
@@ -103,14 +106,17 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
               "prompts_skipped_too_long": skipped, "size_mb": artifact_size_mb(opened),
               "heldout": measure.heldout_quality(opened.backend, windows),
               "calls_ms": measure.per_call_latency(opened.backend, d),
-              "modes": measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats)}
+              "draft_threshold": opened.draft_threshold,
+              "modes": measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats,
+                                         tau=opened.draft_threshold)}
     record["rss_probe"] = {**spec, "prompts": prompts[:3], "d": d, "max_new_tokens": cfg.max_new_tokens,
-                           "threads": cfg.threads}
+                           "threads": cfg.threads, "draft_threshold": opened.draft_threshold}
     if cfg.rss:
-        record.update(probe_rss(record["rss_probe"], [m for m in record["modes"] if m in measure.MODES]))
+        record.update(probe_rss(record["rss_probe"], [m for m in record["modes"] if m in measure.MODES],
+                                is_onnx(record)))
     m = record["modes"]
     b = opened.backend
-    record["layer_bound_speedup"] = measure.layer_bound_speedup(b.num_layers, b.exit_layer, d,
+    record["layer_bound_speedup"] = measure.layer_bound_speedup(b.num_layers, b.exit_layer, m["spec"]["mean_drafts_per_step"],
                                                                 m["spec"]["mean_tokens_per_step"])
     print(f"[bench] {label}: spec {m['spec']['decode_tokens_per_s']:.1f} tok/s vs AR "
           f"{max(m[k]['decode_tokens_per_s'] for k in ('ar', 'ar_full') if k in m):.1f} -> {m.get('speedup', 0):.2f}x, "
@@ -118,11 +124,21 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
     return record
 
 
-def probe_rss(spec: dict, modes: list[str]) -> dict:
-    """Peak RSS per mode, each in a fresh process, and the RSS of the imported runtimes alone."""
-    probes = {m: measure.rss_probe({**spec, "mode": m}) or {} for m in modes}
-    return {"peak_rss_mb": {m: p.get("peak_rss_mb") for m, p in probes.items()},
-            "runtime_baseline_rss_mb": {m: p.get("baseline_rss_mb") for m, p in probes.items()}}
+def probe_rss(spec: dict, modes: list[str], torch_free: bool = False) -> dict:
+    """Peak RSS per mode, each in a fresh process, and the RSS of the imported runtimes alone; with
+    `torch_free` (ONNX artifacts) also on the path an app installed without PyTorch runs."""
+    out = {}
+    for suffix in ("", "_torch_free") if torch_free else ("",):
+        probes = {m: rss_probe({**spec, "mode": m, "torch_free": bool(suffix)}) or {} for m in modes}
+        out["peak_rss_mb" + suffix] = {m: p.get("peak_rss_mb") for m, p in probes.items()}
+        out["runtime_baseline_rss_mb" + suffix] = {m: p.get("baseline_rss_mb") for m, p in probes.items()}
+        if suffix:
+            out["torch_imported" + suffix] = any(p.get("torch_imported", True) for p in probes.values())
+    return out
+
+
+def is_onnx(record: dict) -> bool:
+    return str(record.get("backend", "")).startswith("onnx")
 
 
 def remeasure_rss(out: Path) -> dict:
@@ -134,7 +150,7 @@ def remeasure_rss(out: Path) -> dict:
     for record in results["runs"] + [p for p in results.get("peers", {}).values() if "rss_probe" in p]:
         modes = [m for m in record["modes"] if m in measure.MODES]
         print(f"[bench] peak RSS of {record.get('label', 'two-model')}", file=sys.stderr, flush=True)
-        record.update(probe_rss(record["rss_probe"], modes))
+        record.update(probe_rss(record["rss_probe"], modes, is_onnx(record)))
     return results
 
 
@@ -174,9 +190,10 @@ def export_clean(export_cfg) -> list[Path]:
 
 
 def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str, draft_vocab: int = 0) -> bool:
-    """An earlier sweep's artifact for the same checkpoint, exit layer, scheme and draft vocabulary (reused)."""
-    from export.manifest import read_manifest
-    from models.checkpoint import checkpoint_hash
+    """An earlier sweep's artifact for the same checkpoint, exit layer, scheme, layout and draft vocabulary (reused)."""
+    from export.pipeline import ExportConfig
+    from models.checkpoint import checkpoint_hash, read_checkpoint
+    from runtime.artifact import read_manifest
     from quant.onnx_schemes import resolve_onnx_scheme
     from quant.torchao_schemes import resolve_scheme
 
@@ -185,8 +202,9 @@ def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str,
     except UserError:
         return False
     scheme = resolve_onnx_scheme(quant) if m.format == "onnx" else resolve_scheme(quant)
-    return (m.exit_layer, m.quant, m.draft_vocab, m.source.get("sha256")) == (
-        exit_layer, scheme, draft_vocab, checkpoint_hash(model))
+    group_size = ExportConfig(model=model).group_size_for(m.format, read_checkpoint(model).config)
+    return (m.exit_layer, m.quant, m.group_size, m.draft_vocab, m.source.get("sha256")) == (
+        exit_layer, scheme, group_size, draft_vocab, checkpoint_hash(model))
 
 
 def export_grid(cfg: BenchConfig) -> list[Path]:
@@ -197,12 +215,6 @@ def export_grid(cfg: BenchConfig) -> list[Path]:
         dirs += export_clean(ExportConfig(model=cfg.model, quant=scheme, backend="all",
                                           out=cfg.out / "artifacts" / scheme))
     return dirs
-
-
-def open_target(spec: dict, threads: int, preload: Optional[tuple[str, ...]] = None) -> Opened:
-    if spec["kind"] == "eager":
-        return open_checkpoint(spec["path"], threads=threads)
-    return open_artifact(spec["path"], threads=threads, preload=preload)
 
 
 def artifact_label(facts: dict) -> str:
@@ -278,6 +290,21 @@ def run_peers(cfg: BenchConfig, texts: list[str]) -> dict:
 # ---------------------------------------------------------------- sweep over E and d
 
 
+def sweep_point(run: dict, num_layers: int, e: int, d: int, tau: float) -> dict:
+    spec = run["spec"]
+    point = {"exit_layer": e, "num_speculations": d, "draft_threshold": tau,
+             "spec_tokens_per_s": spec["decode_tokens_per_s"],
+             "ar_tokens_per_s": spec["decode_tokens_per_s"] / run["speedup"], "speedup": run["speedup"],
+             "acceptance_rate": spec["acceptance_rate"], "mean_tokens_per_step": spec["mean_tokens_per_step"],
+             "mean_drafts_per_step": spec["mean_drafts_per_step"],
+             "greedy_identical_fraction": run["greedy_identical_fraction"],
+             "layer_bound_speedup": measure.layer_bound_speedup(num_layers, e, spec["mean_drafts_per_step"],
+                                                                spec["mean_tokens_per_step"])}
+    print(f"[sweep] E={e} d={d} tau={tau:g}: {point['speedup']:.2f}x (acceptance {point['acceptance_rate']:.2f}, "
+          f"{point['mean_tokens_per_step']:.2f} tokens/step)", file=sys.stderr, flush=True)
+    return point
+
+
 def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
     from export.pipeline import ExportConfig
     from models.checkpoint import read_checkpoint
@@ -287,29 +314,25 @@ def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
     surface = []
     for e in exit_layers:
         directory = cfg.out / "sweep" / f"e{e}"
-        if not matching_artifact(directory / "pte", cfg.model, e, cfg.sweep_quant):
-            export_clean(ExportConfig(model=cfg.model, exit_layer=e, quant=cfg.sweep_quant, out=directory))
-        opened = open_artifact(directory / "pte", threads=cfg.threads)
+        target = directory / ("onnx" if cfg.sweep_target == "onnx" else "pte")
+        if not matching_artifact(target, cfg.model, e, cfg.sweep_quant):
+            export_clean(ExportConfig(model=cfg.model, exit_layer=e, quant=cfg.sweep_quant, out=directory,
+                                      backend="onnx" if cfg.sweep_target == "onnx" else "xnnpack"))
+        opened = open_artifact(target, threads=cfg.threads)
         prompts, _ = encode_prompts(opened, texts, cfg.max_new_tokens)
         eos = tuple(opened.eos_token_ids)
         for d in cfg.draft_lengths:
-            # the baseline is re-measured beside each d, interleaved repeat by repeat, so that the machine's
-            # drift over the minutes of a sweep does not skew one ratio against another
-            run = measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats)
-            spec = run["spec"]
-            point = {"exit_layer": e, "num_speculations": d, "spec_tokens_per_s": spec["decode_tokens_per_s"],
-                     "ar_tokens_per_s": spec["decode_tokens_per_s"] / run["speedup"], "speedup": run["speedup"],
-                     "acceptance_rate": spec["acceptance_rate"], "mean_tokens_per_step": spec["mean_tokens_per_step"],
-                     "greedy_identical_fraction": run["greedy_identical_fraction"],
-                     "layer_bound_speedup": measure.layer_bound_speedup(n, e, d, spec["mean_tokens_per_step"])}
-            surface.append(point)
-            print(f"[sweep] E={e} d={d}: {point['speedup']:.2f}x (acceptance {point['acceptance_rate']:.2f})",
-                  file=sys.stderr, flush=True)
+            for tau in cfg.draft_thresholds:
+                # the baseline is re-measured beside each point, interleaved repeat by repeat, so that the
+                # machine's drift over the minutes of a sweep does not skew one ratio against another
+                run = measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats, tau=tau)
+                surface.append(sweep_point(run, n, e, d, tau))
     best = max(surface, key=lambda p: p["speedup"])
     if cfg.write_recommended:
         write_json(Path(cfg.model) / RECOMMENDED_FILE, {
             "exit_layer": best["exit_layer"], "num_speculations": best["num_speculations"],
-            "measured": {"speedup": round(best["speedup"], 3), "quant": cfg.sweep_quant, "backend": "xnnpack",
+            "draft_threshold": best["draft_threshold"],
+            "measured": {"speedup": round(best["speedup"], 3), "quant": cfg.sweep_quant, "target": cfg.sweep_target,
                          "prompts": cfg.prompts, "machine": machine()["cpu"], "date": machine()["date"]}})
     return {"surface": surface, "best": best}
 
@@ -317,19 +340,30 @@ def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
 # ---------------------------------------------------------------- output
 
 
+def without_torch_note(runs: list[dict]) -> str:
+    baselines = [v for r in runs for v in (r.get("runtime_baseline_rss_mb_torch_free") or {}).values() if v]
+    if not baselines:
+        return ""
+    return (f" ONNX artifacts are also measured on the path an app installed from requirements-onnx.txt runs "
+            f"(no PyTorch: ~{statistics.median(baselines):.0f} MB before any model is opened).")
+
+
 def markdown(results: dict) -> str:
     mach = results["machine"]
     baselines = [v for r in results["runs"] for v in (r.get("runtime_baseline_rss_mb") or {}).values() if v]
     lines = [f"Machine: {mach['cpu']}, {mach['cores']} cores; {mach['date']}. Peak RSS is measured in a fresh "
              f"process per mode and includes the imported runtimes"
-             + (f" (~{statistics.median(baselines):.0f} MB before any model is opened)." if baselines else ".")]
+             + (f" (~{statistics.median(baselines):.0f} MB before any model is opened)." if baselines else ".")
+             + without_torch_note(results["runs"])]
     if results["runs"]:
         lines += ["", "| artifact | size MB | held-out loss | AR tok/s (draft+verify) | AR tok/s (full call) | "
                   "self-spec tok/s | speedup | layer bound | acceptance | tokens/step | TTFT ms | draft ms | "
-                  "verify d+1 ms | full ms | RSS AR full MB | RSS AR MB | RSS spec MB |", "|" + "---|" * 17]
+                  "verify d+1 ms | full ms | RSS AR full MB | RSS AR MB | RSS spec MB | RSS spec without torch MB |",
+                  "|" + "---|" * 18]
         for r in results["runs"]:
             m, c = r["modes"], r["calls_ms"]
             rss = r.get("peak_rss_mb") or {}
+            app = r.get("peak_rss_mb_torch_free") or {}
             d = r["num_speculations"]
             cells = [r["label"], f"{r['size_mb']:.1f}" if r.get("size_mb") else "-", f"{r['heldout']['loss']:.3f}",
                      f"{m['ar']['decode_tokens_per_s']:.1f}",
@@ -339,7 +373,8 @@ def markdown(results: dict) -> str:
                      f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
                      f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
                      f"{c['full_1']:.3f}" if "full_1" in c else "-",
-                     f"{rss.get('ar_full') or 0:.0f}", f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}"]
+                     f"{rss.get('ar_full') or 0:.0f}", f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}",
+                     f"{app['spec']:.0f}" if app.get("spec") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     if "peers" in results:
         lines += ["", "| peer | tok/s | notes |", "|---|---|---|"]
@@ -351,15 +386,16 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {name} | {p['modes']['spec']['decode_tokens_per_s']:.1f} | {p['size_mb']:.1f} MB, "
                              f"peak RSS {(p.get('peak_rss_mb') or {}).get('spec') or 0:.0f} MB |")
     if "sweep" in results:
-        lines += ["", "| E | d | speedup | layer bound | acceptance | tokens/step | self-spec tok/s | AR tok/s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| E | d | tau | speedup | layer bound | acceptance | drafts/step | tokens/step | self-spec tok/s "
+                      "| AR tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in results["sweep"]["surface"]:
-            lines.append(f"| {p['exit_layer']} | {p['num_speculations']} | {p['speedup']:.2f}x | "
-                         f"{p['layer_bound_speedup']:.2f}x | "
-                         f"{p['acceptance_rate']:.2f} | {p['mean_tokens_per_step']:.2f} | "
-                         f"{p['spec_tokens_per_s']:.1f} | {p['ar_tokens_per_s']:.1f} |")
+            lines.append(f"| {p['exit_layer']} | {p['num_speculations']} | {p.get('draft_threshold', 0):g} | "
+                         f"{p['speedup']:.2f}x | {p['layer_bound_speedup']:.2f}x | "
+                         f"{p['acceptance_rate']:.2f} | {p.get('mean_drafts_per_step', p['num_speculations']):.2f} | "
+                         f"{p['mean_tokens_per_step']:.2f} | {p['spec_tokens_per_s']:.1f} | {p['ar_tokens_per_s']:.1f} |")
         b = results["sweep"]["best"]
-        lines.append(f"\nBest on this machine: E={b['exit_layer']}, d={b['num_speculations']} ({b['speedup']:.2f}x).")
+        lines.append(f"\nBest on this machine: E={b['exit_layer']}, d={b['num_speculations']}, "
+                     f"tau={b.get('draft_threshold', 0):g} ({b['speedup']:.2f}x).")
     if results["runs"] or "sweep" in results:
         lines.append("\nLayer bound: the speedup the measured tokens/step allow at best, if a call cost only the "
                      "layers it runs (no extra cost for d+1 tokens, free LM head and overheads); "
@@ -393,13 +429,13 @@ def plots(results: dict, out: Path) -> None:
         surface = results["sweep"]["surface"]
         es = sorted({p["exit_layer"] for p in surface})
         ds = sorted({p["num_speculations"] for p in surface})
-        grid = np.array([[next(p["speedup"] for p in surface if p["exit_layer"] == e and p["num_speculations"] == d)
+        grid = np.array([[max(p["speedup"] for p in surface if p["exit_layer"] == e and p["num_speculations"] == d)
                           for d in ds] for e in es])
         fig, ax = plt.subplots(figsize=(6, 4))
         im = ax.imshow(grid, cmap="viridis", origin="lower")
         ax.set_xticks(range(len(ds)), ds)
         ax.set_yticks(range(len(es)), es)
-        ax.set(xlabel="draft length d", ylabel="exit layer E", title="self-speculative speedup")
+        ax.set(xlabel="draft length d", ylabel="exit layer E", title="self-speculative speedup (best over tau)")
         for i in range(len(es)):
             for j in range(len(ds)):
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
@@ -417,37 +453,6 @@ def write_results(results: dict, out: Path) -> None:
 
 
 # ---------------------------------------------------------------- command line
-
-
-def probe(spec: dict) -> None:
-    """Child process of an RSS measurement: import the runtimes, reset the peak, open, decode, report.
-
-    Importing torch, ExecuTorch and ONNX Runtime alone peaks at ~450 MB here, more than a small model
-    adds; the peak is therefore reset after the imports (Linux /proc/self/clear_refs) and both the
-    resident size at that point and the peak after decoding are reported.
-    """
-    import importlib
-
-    from runtime.decoding import generate
-
-    for module in ("executorch.runtime", "executorch.extension.llm.custom_ops.custom_ops",
-                   "executorch.kernels.quantized", "onnxruntime"):
-        importlib.import_module(module)
-    baseline = measure.reset_peak_rss()
-    if spec["kind"] == "two_model":
-        from runtime.two_model import TwoModelBackend
-
-        backend = TwoModelBackend({k: Path(v) for k, v in spec["paths"].items()}, spec["exit_layer"],
-                                  spec["num_layers"], spec["max_seq_len"], 64)
-        eos: tuple = ()
-    else:
-        # the full-model baseline loads only its own method, as an app running it alone would
-        opened = open_target(spec, spec.get("threads", 0), ("forward",) if spec["mode"] == "ar_full" else None)
-        backend, eos = opened.backend, tuple(opened.eos_token_ids)
-    cfg = measure.mode_config(spec["mode"], spec["d"], spec["max_new_tokens"], eos)
-    for ids in spec["prompts"]:
-        generate(backend, ids, cfg)
-    print(json.dumps({"peak_rss_mb": measure.peak_rss_mb(), "baseline_rss_mb": baseline}))
 
 
 def parse_args(argv=None) -> Optional[BenchConfig]:
@@ -468,21 +473,21 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
     p.add_argument("--sweep", action="store_true", help="speedup over exit layer E and draft length d")
     p.add_argument("--exit-layers", type=int, nargs="*", default=[])
     p.add_argument("--draft-lengths", type=int, nargs="*", default=list(d.draft_lengths))
+    p.add_argument("--draft-thresholds", type=float, nargs="*", default=list(d.draft_thresholds),
+                   help="sweep: adaptive-drafting thresholds tau (0: always d drafts)")
+    p.add_argument("--sweep-target", choices=("pte", "onnx"), default=d.sweep_target)
     p.add_argument("--sweep-quant", default=d.sweep_quant)
     p.add_argument("--write-recommended", action="store_true", help="store the sweep's best (E, d) in the model")
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--rss-only", action="store_true", help="re-measure peak RSS of the runs in OUT/bench.json")
-    p.add_argument("--probe", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.probe:
-        probe(json.loads(a.probe))
-        return None
     if a.rss_only:
         return BenchConfig(out=a.out, rss_only=True)
     return BenchConfig(artifacts=a.artifact, export=a.export, model=a.model, eager=a.eager, prompts=a.prompts,
                        limit=a.limit, max_new_tokens=a.max_new_tokens, repeats=a.repeats, threads=a.threads,
                        rss=not a.no_rss, peers=a.peers, peer_limit=a.peer_limit, sweep=a.sweep,
                        exit_layers=tuple(a.exit_layers), draft_lengths=tuple(a.draft_lengths),
+                       draft_thresholds=tuple(a.draft_thresholds), sweep_target=a.sweep_target,
                        sweep_quant=a.sweep_quant, write_recommended=a.write_recommended, out=a.out)
 
 

@@ -1,9 +1,11 @@
 """The decoding loops: autoregressive and self-speculative (greedy and sampling), for any backend.
 
-Self-speculative step (t = last emitted token at position p, d = draft length):
-    draft   : d calls of layers [0, E) + exit head, one token each, at p .. p+d-1 -> drafts x1..xd
-    prefix  : one more call for xd at p+d, so the exit cache holds t, x1..xd
-    verify  : one call of layers [E, L) on the d+1 cached hidden states -> logits for p+1 .. p+d+1
+Self-speculative step (t = last emitted token at position p, d = draft length, tau = draft threshold):
+    draft   : up to d calls of layers [0, E) + exit head, one token each, at p, p+1, .. -> drafts x1..xk;
+              drafting stops early (k < d) at the first exit whose top-1 probability is below tau
+    prefix  : if k = d, one more call for xd at p+d, so the exit cache holds t, x1..xk (an early stop
+              already made that call: it is the one whose confidence was too low)
+    verify  : one call of layers [E, L) on the k+1 cached hidden states -> logits for p+1 .. p+k+1
     accept  : greedy: longest prefix of drafts equal to the verifier's argmax, then its next token;
               sampling: accept x_i with prob min(1, p_i/q_i), else resample from norm(max(p - q, 0))
     rollback: the next step starts at p + accepted + 1; stale cache rows beyond it are overwritten.
@@ -11,14 +13,21 @@ Self-speculative step (t = last emitted token at position p, d = draft length):
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
-import torch
+import numpy as np
 
-from models.errors import UserError
+from runtime.errors import UserError
 from runtime.backend import Backend, has_full_model
+
+
+def check_draft_threshold(tau: float) -> float:
+    if not 0.0 <= tau < 1.0:
+        raise UserError(f"--draft-threshold {tau} must be in [0, 1) (0: always draft d tokens).")
+    return tau
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     full_model_baseline: bool = False  # autoregressive through the backend's single full-model call
     fused_draft: bool = True  # greedy: draft all d tokens in one call when the backend has that method
+    draft_threshold: float = 0.0  # tau: stop drafting when the exit's top-1 probability falls below it (0: off)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -45,6 +55,7 @@ class GenerationConfig:
             raise UserError(f"--top-k {self.top_k} must be >= 0 (0 is off).")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top-p {self.top_p} must be in (0, 1].")
+        check_draft_threshold(self.draft_threshold)
 
     @property
     def greedy(self) -> bool:
@@ -60,6 +71,7 @@ class GenerationStats:
     decode_tokens_per_s: float = 0.0  # tokens after the first / decode_time_s (prompt excluded)
     drafted: int = 0
     accepted: int = 0
+    early_stops: int = 0  # steps that drafted fewer than d tokens (the draft threshold)
     steps: int = 0
     tokens_per_step: dict = field(default_factory=dict)  # histogram {tokens emitted in a step: steps}
     draft_calls: int = 0
@@ -132,39 +144,68 @@ class TimedBackend:
 # ---------------------------------------------------------------- token choice
 
 
-def filtered_probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to logits [..., V] -> probabilities [..., V]."""
-    logits = logits.float() / cfg.temperature
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def filtered_probs(logits: np.ndarray, cfg: GenerationConfig) -> np.ndarray:
+    """Temperature, top-k and top-p applied to logits [..., V] -> probabilities [..., V] (float64)."""
+    logits = np.asarray(logits, np.float64) / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = np.partition(logits, -cfg.top_k, axis=-1)[..., -cfg.top_k, None]  # [..., 1]
+        logits = np.where(logits < kth, -np.inf, logits)
     if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
+        order = np.argsort(-logits, axis=-1, kind="stable")
+        sorted_probs = softmax(np.take_along_axis(logits, order, -1))
         # Drop a token when the tokens ranked above it already hold top_p (the first one always stays).
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1)
+        drop_sorted = np.cumsum(sorted_probs, -1) - sorted_probs >= cfg.top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        logits = np.where(drop, -np.inf, logits)
+    return softmax(logits)
 
 
 class TokenChooser:
-    """Greedy argmax or seeded sampling, and the speculative acceptance rule."""
+    """Greedy argmax or seeded sampling, and the speculative acceptance rule.
+
+    Uniform draws come from the standard library's seeded Mersenne Twister: numpy.random would pull
+    OpenSSL into the process (3-4 MB of resident memory in an app that only decodes)."""
 
     def __init__(self, cfg: GenerationConfig):
         self.cfg = cfg
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
 
-    def sample(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    def sample(self, probs: np.ndarray) -> int:
+        """An index drawn from probs [V] (need not be normalized) by inverting its CDF."""
+        cdf = np.cumsum(probs)
+        return min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), len(cdf) - 1)
 
-    def choose(self, logits: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
+    def choose(self, logits: np.ndarray) -> tuple[int, Optional[np.ndarray]]:
         """A token from logits [V], and the distribution it was drawn from (None when greedy)."""
         if self.cfg.greedy:
             return int(logits.argmax()), None
         probs = filtered_probs(logits, self.cfg)
         return self.sample(probs), probs
 
-    def accept(self, drafts: list[int], draft_probs: list, verify_logits: torch.Tensor) -> tuple[int, list[int]]:
+    def draft(self, logits: np.ndarray) -> Optional[tuple[int, Optional[np.ndarray]]]:
+        """choose(logits) for a draft, or None when the exit is not confident enough to draft.
+
+        Confidence is the top-1 probability of the distribution drafts are drawn from (the plain
+        softmax when greedy). It depends on the draft side alone, so stopping on it leaves the
+        acceptance rule exact: every emitted token is still drawn from the verifier's distribution."""
+        tau = self.cfg.draft_threshold
+        if self.cfg.greedy:
+            token = int(logits.argmax())
+            if tau and 1.0 / float(np.exp(logits - logits[token]).sum()) < tau:
+                return None
+            return token, None
+        probs = filtered_probs(logits, self.cfg)
+        if tau and probs.max() < tau:
+            return None
+        return self.sample(probs), probs
+
+    def accept(self, drafts: list[int], draft_probs: list, verify_logits: np.ndarray) -> tuple[int, list[int]]:
         """(accepted draft count, tokens to emit) from the verifier's logits [d+1, V] of one step."""
         if self.cfg.greedy:
             targets = verify_logits.argmax(-1).tolist()
@@ -174,12 +215,10 @@ class TokenChooser:
             return n, drafts[:n] + [targets[n]]
         p = filtered_probs(verify_logits, self.cfg)  # [d+1, V]
         for i, (x, q) in enumerate(zip(drafts, draft_probs)):
-            u = float(torch.rand((), generator=self.generator))
-            if u < min(1.0, float(p[i, x]) / float(q[x])):
+            if self.rng.random() < min(1.0, p[i, x] / q[x]):
                 continue
-            residual = (p[i] - q).clamp_min(0.0)
-            fix = self.sample(residual / residual.sum()) if float(residual.sum()) > 0 else self.sample(p[i])
-            return i, drafts[:i] + [fix]
+            residual = np.maximum(p[i] - q, 0.0)
+            return i, drafts[:i] + [self.sample(residual if residual.sum() > 0 else p[i])]
         return len(drafts), drafts + [self.sample(p[len(drafts)])]
 
 
@@ -231,7 +270,7 @@ def check_prompt(prompt: Sequence[int], max_seq_len: int) -> None:
                         f"shorten the prompt or export with a larger --max-seq-len.")
 
 
-def prefill(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -> torch.Tensor:
+def prefill(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -> np.ndarray:
     """The prompt through draft then verify, in chunks the backend accepts: logits of its last token."""
     step = backend.max_tokens_per_call
     for start in range(0, len(prompt), step):
@@ -241,7 +280,7 @@ def prefill(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -> tor
     return logits[-1]
 
 
-def prefill_full(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -> torch.Tensor:
+def prefill_full(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -> np.ndarray:
     step = backend.max_tokens_per_call
     for start in range(0, len(prompt), step):
         logits = calls.forward(prompt[start:start + step], start)
@@ -293,21 +332,26 @@ def autoregressive_step(calls: TimedBackend, chooser: TokenChooser, token: int, 
 def speculative_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int,
                      d: int) -> tuple[int, list[int]]:
     cfg = chooser.cfg
-    if cfg.greedy and cfg.fused_draft and calls.fused_draft_length == d:
+    if cfg.greedy and cfg.fused_draft and not cfg.draft_threshold and calls.fused_draft_length == d:
         drafts, draft_probs = calls.draft_greedy(token, pos), [None] * d
     else:
         drafts, draft_probs = draft_one_by_one(calls, chooser, token, pos, d)
-    accepted, new = chooser.accept(drafts, draft_probs, calls.verify(pos, d + 1))
-    calls.stats.drafted += d
+    accepted, new = chooser.accept(drafts, draft_probs, calls.verify(pos, len(drafts) + 1))
+    calls.stats.drafted += len(drafts)
     calls.stats.accepted += accepted
+    calls.stats.early_stops += len(drafts) < d
     return accepted, new
 
 
 def draft_one_by_one(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int, d: int):
+    """Up to d drafts; on return the exit cache holds rows pos .. pos+len(drafts) (t and the drafts)."""
     drafts, draft_probs = [], []
     x = token
     for k in range(d):
-        x, q = chooser.choose(calls.draft([x], pos + k))
+        drafted = chooser.draft(calls.draft([x], pos + k))
+        if drafted is None:  # x's prefix pass is done; the low-confidence token is not proposed
+            return drafts, draft_probs
+        x, q = drafted
         drafts.append(x)
         draft_probs.append(q)
     calls.draft([x], pos + d)  # the last draft through layers < E, so verify reads only cached activations

@@ -1,4 +1,7 @@
-"""The eager PyTorch backend: the reference every exported backend is compared against."""
+"""The eager PyTorch backend: the reference every exported backend is compared against.
+
+Logits leave it as numpy views of the output tensors (no copy), as the Backend protocol says.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from typing import Sequence
 import torch
 
 from models.model import Transformer
-from runtime.backend import exit_cache, last_row
 
 
 class EagerBackend:
@@ -21,7 +23,7 @@ class EagerBackend:
         self.max_seq_len = max_seq_len
         self.max_tokens_per_call = max_seq_len
         model.setup_caches(max_seq_len, dtype=torch.float32)
-        self.exit_cache = exit_cache(max_seq_len, model.config.hidden_size)
+        self.exit_cache = torch.zeros(max_seq_len, model.config.hidden_size)  # layer-E hidden states by position
 
     @staticmethod
     def _inputs(tokens: Sequence[int], pos: int):
@@ -32,17 +34,17 @@ class EagerBackend:
         tokens_t, pos_t = self._inputs(tokens, pos)
         out = self.model.prefix(tokens_t, pos_t, self.exit_layer, logits="last")
         self.exit_cache[pos:pos + len(tokens)] = out.hidden[0]
-        return last_row(out.logits)
+        return out.logits[0, -1].numpy()  # [1, 1, V] -> [V]
 
     @torch.inference_mode()
     def verify(self, pos, count):
         hidden = self.exit_cache[pos:pos + count][None]  # [1, count, dim]
-        return self.model.suffix(hidden, torch.tensor([pos]), self.exit_layer)[0]
+        return self.model.suffix(hidden, torch.tensor([pos]), self.exit_layer)[0].numpy()
 
     @torch.inference_mode()
     def forward(self, tokens, pos):
         tokens_t, pos_t = self._inputs(tokens, pos)
-        return last_row(self.model(tokens_t, pos_t))
+        return self.model(tokens_t, pos_t)[0, -1].numpy()  # [1, T, V] -> [V]
 
     def reset(self):
         # Stale positions are masked out and overwritten, so zeroing is for hygiene, not correctness.

@@ -1,4 +1,7 @@
-"""The ExecuTorch backend: runs the draft / verify / forward methods of a .pte through executorch.runtime."""
+"""The ExecuTorch backend: runs the draft / verify / forward methods of a .pte through executorch.runtime.
+
+Logits leave it as numpy views of the method outputs (no copy), valid until the next call.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ from typing import Optional
 
 import torch
 
-from export.manifest import Manifest, check_fact
-from models.errors import UserError
-from runtime.backend import exit_cache
+from runtime.artifact import Manifest, check_fact
+from runtime.errors import UserError
 
 
 def load_program(path):
@@ -37,7 +39,7 @@ class ExecuTorchBackend:
                                ("max_tokens_per_call", manifest.max_tokens_per_call)):
             check_fact(manifest, fact, self._constant(fact), expected)
         self.exit_layer = manifest.exit_layer
-        self.num_layers = manifest.config.num_hidden_layers
+        self.num_layers = manifest.shape.num_layers
         self.max_seq_len = manifest.max_seq_len
         self.max_tokens_per_call = manifest.max_tokens_per_call
         fused = "draft_greedy" in manifest.methods
@@ -47,7 +49,7 @@ class ExecuTorchBackend:
         self._loaded = {}
         for name in preload if preload is not None else ("draft", "verify") + (("draft_greedy",) if fused else ()):
             self._get(name)
-        self.exit_cache = exit_cache(self.max_seq_len, manifest.config.hidden_size)
+        self.exit_cache = torch.zeros(self.max_seq_len, manifest.shape.hidden_size)  # layer-E hidden states
 
     def _constant(self, name: str):
         if name not in self.program.method_names:
@@ -72,7 +74,7 @@ class ExecuTorchBackend:
     def draft(self, tokens, pos):
         hidden, logits = self._get("draft").execute(self._inputs(tokens, pos))
         self.exit_cache[pos:pos + len(tokens)] = hidden[0]
-        return logits[0]
+        return logits[0].numpy()
 
     def draft_greedy(self, token, pos):
         """All d greedy drafts in one call; fills exit-cache rows pos .. pos+d."""
@@ -82,10 +84,10 @@ class ExecuTorchBackend:
 
     def verify(self, pos, count):
         hidden = self.exit_cache[pos:pos + count][None]  # [1, count, dim], contiguous
-        return self._get("verify").execute((hidden, torch.tensor([pos], dtype=torch.long)))[0][0]
+        return self._get("verify").execute((hidden, torch.tensor([pos], dtype=torch.long)))[0][0].numpy()
 
     def forward(self, tokens, pos):
-        return self._get("forward").execute(self._inputs(tokens, pos))[0][0]
+        return self._get("forward").execute(self._inputs(tokens, pos))[0][0].numpy()
 
     def reset(self):
         # The custom SDPA attends only to positions < start + T, so stale cache rows need no clearing.

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from models.errors import UserError
-from runtime import measure
+from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, GenerationResult, generate
 from runtime.loader import Opened, open_artifact, open_checkpoint
+from runtime.rss import peak_rss_mb
 
 
 class TextStream:
@@ -72,6 +72,9 @@ def parse_args(argv=None):
     src.add_argument("--artifact", type=Path, help="exported artifact directory (manifest.json + .pte or .onnx)")
     p.add_argument("--exit-layer", type=int, help="E: draft with layers [0, E) (default: the recommended one)")
     p.add_argument("--num-speculations", type=int, help="d: draft tokens per step (default: the recommended one)")
+    p.add_argument("--draft-threshold", type=float, metavar="TAU",
+                   help="stop drafting when the exit's top-1 probability falls below TAU (default: the "
+                        "recommended one; 0: always d drafts)")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
@@ -105,13 +108,16 @@ def main(argv=None) -> int:
     try:
         prompt = read_prompt(args)
         if args.artifact is not None:
-            opened = open_artifact(args.artifact, args.provider, args.threads, args.exit_layer, args.num_speculations)
+            opened = open_artifact(args.artifact, args.provider, args.threads, args.exit_layer, args.num_speculations,
+                                   draft_threshold=args.draft_threshold)
         else:
-            opened = open_checkpoint(args.model, args.exit_layer, args.num_speculations, args.max_seq_len, args.threads)
+            opened = open_checkpoint(args.model, args.exit_layer, args.num_speculations, args.max_seq_len, args.threads,
+                                     args.draft_threshold)
         cfg = GenerationConfig(
             max_new_tokens=args.max_new_tokens, self_speculative=not args.ar, num_speculations=opened.num_speculations,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            eos_token_ids=tuple(opened.eos_token_ids), full_model_baseline=args.full_model)
+            eos_token_ids=tuple(opened.eos_token_ids), full_model_baseline=args.full_model,
+            draft_threshold=opened.draft_threshold)
         if not args.json:
             sys.stdout.write(prompt)
         result, text = run_generation(opened, prompt, cfg, tuple(args.stop), None if args.json else sys.stdout)
@@ -121,13 +127,14 @@ def main(argv=None) -> int:
     stats = result.stats
     if args.json:
         print(json.dumps({"prompt": prompt, "text": text, "tokens": result.tokens,
-                          "stats": {**stats.to_dict(), "peak_rss_mb": measure.peak_rss_mb()},
+                          "stats": {**stats.to_dict(), "peak_rss_mb": peak_rss_mb()},
                           "settings": {**opened.facts, "mode": "autoregressive" if args.ar else "self_speculative",
-                                       "num_speculations": cfg.num_speculations, "temperature": cfg.temperature,
+                                       "num_speculations": cfg.num_speculations,
+                                       "draft_threshold": cfg.draft_threshold, "temperature": cfg.temperature,
                                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}}))
     else:
         print(f"\n---\n[{'autoregressive' if args.ar else 'self-speculative'}, {opened.facts.get('backend')}, "
-              f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}] {stats.summary()}", file=sys.stderr)
+              f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}, tau={cfg.draft_threshold:g}] {stats.summary()}", file=sys.stderr)
     if stats.stop_reason == "max_seq_len":
         print(f"note: generation stopped at the cache's {opened.backend.max_seq_len} positions; "
               f"use a larger --max-seq-len (or re-export) for longer outputs.", file=sys.stderr)

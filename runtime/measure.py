@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from runtime.decoding import GenerationConfig, generate
 
 MODES = ("ar", "ar_full", "spec")  # autoregressive via draft+verify, via the full-model call, self-speculative
 
 
-def mode_config(mode: str, d: int, max_new_tokens: int, eos: tuple[int, ...]) -> GenerationConfig:
+def mode_config(mode: str, d: int, max_new_tokens: int, eos: tuple[int, ...], tau: float = 0.0) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=max_new_tokens, self_speculative=mode == "spec", num_speculations=d,
-                            full_model_baseline=mode == "ar_full", eos_token_ids=eos)
+                            full_model_baseline=mode == "ar_full", eos_token_ids=eos, draft_threshold=tau)
 
 
 @dataclass
@@ -33,6 +29,7 @@ class Pass:
     generated: int
     acceptance_rate: float
     mean_tokens_per_step: float
+    mean_drafts_per_step: float  # d without a draft threshold, fewer with one
     histogram: dict
     draft_ms_per_call: float
     verify_ms_per_call: float
@@ -58,16 +55,17 @@ def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:
         tokens.append(result.tokens)
     return Pass(decode_tokens / decode_s if decode_s else 0.0, statistics.median(ttfts), int(decode_tokens),
                 accepted / drafted if drafted else 0.0, emitted / steps if steps else 0.0,
-                {str(k): v for k, v in sorted(hist.items())},
+                drafted / steps if steps else 0.0, {str(k): v for k, v in sorted(hist.items())},
                 1000 * draft_s / draft_calls if draft_calls else 0.0,
                 1000 * verify_s / verify_calls if verify_calls else 0.0, tokens)
 
 
 def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eos: tuple[int, ...],
-              repeats: int, modes=MODES) -> dict:
-    """Each mode `repeats` times, interleaved, after one warm-up prompt each; medians and every repeat."""
+              repeats: int, modes=MODES, tau: float = 0.0) -> dict:
+    """Each mode `repeats` times, interleaved, after one warm-up prompt each; medians and every repeat.
+    `tau`: the draft threshold of self-speculation."""
     modes = [m for m in modes if m != "ar_full" or callable(getattr(backend, "forward", None))]
-    cfgs = {m: mode_config(m, d, max_new_tokens, eos) for m in modes}
+    cfgs = {m: mode_config(m, d, max_new_tokens, eos, tau) for m in modes}
     for m in modes:
         generate(backend, prompts[0], cfgs[m])  # warm-up: first-call allocation, weight packing
     runs = {m: [] for m in modes}
@@ -81,6 +79,7 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
                   "decode_tokens_per_s_repeats": [p.decode_tokens_per_s for p in passes],
                   "ttft_ms_median": best.ttft_ms_median, "generated_tokens": best.generated,
                   "acceptance_rate": best.acceptance_rate, "mean_tokens_per_step": best.mean_tokens_per_step,
+                  "mean_drafts_per_step": best.mean_drafts_per_step,
                   "tokens_per_step_histogram": best.histogram, "draft_ms_per_call": best.draft_ms_per_call,
                   "verify_ms_per_call": best.verify_ms_per_call}
     if "spec" in runs and "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
@@ -139,13 +138,14 @@ def predicted_speedup(calls: dict, d: int, acceptance: float) -> float:
     return tokens_per_step * ar / step
 
 
-def layer_bound_speedup(num_layers: int, exit_layer: int, d: int, tokens_per_step: float) -> float:
+def layer_bound_speedup(num_layers: int, exit_layer: int, drafts_per_step: float, tokens_per_step: float) -> float:
     """The most self-speculation can gain at a measured tokens/step, under costs that favour it:
     a call costs the layers it runs, whatever its token count (memory-bound), and the LM head and
-    per-call overheads are free. A step runs (d+1) x E draft layers + L-E verify layers for
-    tokens_per_step tokens; plain decoding runs L layers per token. No runtime can beat this bound
-    without a better model (higher acceptance at a lower E)."""
-    return tokens_per_step * num_layers / ((d + 1) * exit_layer + num_layers - exit_layer)
+    per-call overheads are free. A step of k drafts runs (k+1) x E draft layers (an early stop's
+    last call is the one that found the exit unsure) + L-E verify layers for tokens_per_step tokens;
+    plain decoding runs L layers per token. No runtime can beat this bound without a better model
+    (higher acceptance at a lower E). drafts_per_step = d without a draft threshold."""
+    return tokens_per_step * num_layers / ((drafts_per_step + 1) * exit_layer + num_layers - exit_layer)
 
 
 # ---------------------------------------------------------------- quality through the artifact
@@ -161,57 +161,26 @@ def heldout_windows(tokenizer, bos_id: int, eos_id: int, count: int = 8, length:
     return [ids[s:s + length].tolist() for s in starts]
 
 
-@torch.inference_mode()
 def heldout_quality(backend, windows: list[list[int]]) -> dict:
     """Next-token loss and top-1 accuracy of the backend's full-model logits (draft then verify, in chunks)."""
     nll = correct = count = 0.0
     for ids in windows:
         backend.reset()
-        inputs, targets = ids[:-1], torch.tensor(ids[1:])
+        inputs, targets = ids[:-1], np.asarray(ids[1:])
         logits = []
         for start in range(0, len(inputs), backend.max_tokens_per_call):
             chunk = inputs[start:start + backend.max_tokens_per_call]
             backend.draft(chunk, start)
-            logits.append(torch.as_tensor(backend.verify(start, len(chunk))).float().clone())
-        logits = torch.cat(logits)  # [len(ids) - 1, vocab]
-        nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            logits.append(np.array(backend.verify(start, len(chunk)), np.float64))  # a copy: the call's buffer is reused
+        logits = np.concatenate(logits)  # [len(ids) - 1, vocab]
+        top = logits.max(-1)
+        log_z = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+        nll += float((log_z - logits[np.arange(len(targets)), targets]).sum())
         correct += float((logits.argmax(-1) == targets).sum())
         count += len(targets)
     backend.reset()
     return {"loss": nll / count, "perplexity": float(np.exp(nll / count)), "top1_accuracy": correct / count,
             "tokens": int(count)}
-
-
-# ---------------------------------------------------------------- peak RSS, in a fresh process
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss() -> float:
-    """Resets this process's peak RSS to its current RSS (Linux); returns that RSS in MB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS (MB) since the process started or since reset_peak_rss()."""
-    return _status_mb("VmHWM")
-
-
-def rss_probe(spec: dict) -> Optional[dict]:
-    """{peak_rss_mb, baseline_rss_mb} of a fresh process that imports the runtime libraries (baseline),
-    then opens a backend and decodes (peak; see runtime.bench --probe)."""
-    proc = subprocess.run([sys.executable, "-m", "runtime.bench", "--probe", json.dumps(spec)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"warning: RSS probe failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- Hugging Face transformers peers
@@ -220,6 +189,7 @@ def rss_probe(spec: dict) -> Optional[dict]:
 def hf_generate(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, eos: tuple[int, ...],
                 exit_layer: Optional[int] = None, threads: int = 0) -> dict:
     """transformers' greedy generate, plain or with LayerSkip's assistant_early_exit, on the same checkpoint."""
+    import torch
     from transformers import LlamaForCausalLM
 
     if threads:

@@ -26,7 +26,7 @@ import torch
 
 from models.checkpoint import RECOMMENDED_FILE, save_checkpoint, write_json
 from models.config import ModelConfig, RopeScaling
-from models.errors import UserError
+from runtime.errors import UserError
 from models.model import Transformer
 from runtime import measure
 
@@ -75,7 +75,7 @@ def random_checkpoint(directory: Path, exit_layer: int, d: int) -> Path:
 
 def measure_scheme(checkpoint: Path, target: str, scheme: str, draft_vocab: int, exit_layer: int, d: int,
                    max_seq_len: int, work: Path, threads: int) -> dict:
-    from export.manifest import read_manifest
+    from runtime.artifact import read_manifest
     from export.pipeline import ExportConfig, artifact_dir
     from runtime.bench import export_clean, matching_artifact
     from runtime.loader import open_artifact

@@ -62,10 +62,10 @@ class TwoModelBackend:
     def draft(self, tokens, pos):
         t = torch.tensor([list(tokens)], dtype=torch.long)
         self.tokens[pos:pos + len(tokens)] = t[0]
-        return self._draft.execute((t, torch.tensor([pos])))[0][0]
+        return self._draft.execute((t, torch.tensor([pos])))[0][0].numpy()
 
     def verify(self, pos, count):
-        return self._target.execute((self.tokens[pos:pos + count][None], torch.tensor([pos])))[0][0]
+        return self._target.execute((self.tokens[pos:pos + count][None], torch.tensor([pos])))[0][0].numpy()
 
     def reset(self):
         pass

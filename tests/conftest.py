@@ -60,3 +60,9 @@ def wide_checkpoint(tmp_path_factory) -> Path:
     model = tiny_model(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=512)
     return write_checkpoint(tmp_path_factory.mktemp("wide") / "ckpt", model, exit_layer=1, d=3)
+
+
+@pytest.fixture(scope="session")
+def small_vocab_model() -> Transformer:
+    """12 tokens, 3 layers, exits that often disagree: for exact sampling-distribution tests."""
+    return tiny_model(seed=3, agreeable=False, vocab_size=12, num_hidden_layers=3)

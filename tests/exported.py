@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from models.checkpoint import load_model
 from runtime.eager import EagerBackend
@@ -14,27 +14,28 @@ from runtime.eager import EagerBackend
 PROMPT = [0, 17, 42, 99, 7, 250, 3, 64, 11]
 
 
-def call_sequence(backend) -> list[torch.Tensor]:
-    """Prompt, three drafts and a verify, then a rollback: positions rewritten with other tokens."""
-    out = [backend.draft(PROMPT, 0).clone(), backend.verify(0, len(PROMPT)).clone()]
+def call_sequence(backend) -> list[np.ndarray]:
+    """Prompt, three drafts and a verify, then a rollback: positions rewritten with other tokens.
+    Each result is copied at once: a backend may reuse its output buffer on the next call."""
+    out = [np.array(backend.draft(PROMPT, 0)), np.array(backend.verify(0, len(PROMPT)))]
     pos = len(PROMPT)
     for k, tok in enumerate((5, 6, 7)):
-        out.append(backend.draft([tok], pos + k).clone())
-    out.append(backend.verify(pos, 3).clone())
+        out.append(np.array(backend.draft([tok], pos + k)))
+    out.append(np.array(backend.verify(pos, 3)))
     # rollback: only the first draft was kept; position pos+1 gets another token
-    out.append(backend.draft([9, 10], pos + 1).clone())
-    out.append(backend.verify(pos, 3))
-    return [o.clone() for o in out]
+    out.append(np.array(backend.draft([9, 10], pos + 1)))
+    out.append(np.array(backend.verify(pos, 3)))
+    return out
 
 
-def eager_reference(checkpoint, exit_layer: int, max_seq_len: int) -> list[torch.Tensor]:
+def eager_reference(checkpoint, exit_layer: int, max_seq_len: int) -> list[np.ndarray]:
     model, _ = load_model(checkpoint)
     return call_sequence(EagerBackend(model, exit_layer, max_seq_len))
 
 
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     assert [x.shape for x in a] == [y.shape for y in b]
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
 def copy_artifact(directory: Path, tmp_path: Path, **manifest_changes) -> Path:

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import tiny_model
-from models.errors import UserError
+from runtime.errors import UserError
 from runtime import decoding
 from runtime.decoding import GenerationConfig, generate
 from runtime.eager import EagerBackend
@@ -34,6 +34,24 @@ def test_greedy_self_speculation_equals_autoregressive(model, autoregressive_tok
     if exit_layer >= 2:
         assert hist.get(d + 1, 0) > 0, "expected some steps with every draft accepted"
     assert result.stats.draft_calls == (d + 1) * result.stats.steps + 1  # + 1: the prompt
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.1])  # the tiny model's exit is rarely sure: top-1 p ~ 0.02-0.2
+def test_adaptive_drafting_keeps_greedy_output_and_drafts_less(model, autoregressive_tokens, tau):
+    d = 4
+    result = generate(EagerBackend(model, 2, 256), PROMPT,
+                      GenerationConfig(max_new_tokens=150, num_speculations=d, draft_threshold=tau))
+    assert result.tokens == autoregressive_tokens
+    s = result.stats
+    assert 0 < s.early_stops < s.steps and s.drafted < d * s.steps
+    # a step of k drafts makes k + 1 prefix passes: no separate fill call after an early stop
+    assert s.draft_calls == s.drafted + s.steps + 1  # + 1: the prompt
+
+
+def test_a_higher_threshold_drafts_fewer_tokens(model):
+    drafted = [generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(
+        max_new_tokens=100, num_speculations=4, draft_threshold=tau)).stats.drafted / 100 for tau in (0.0, 0.08, 0.2)]
+    assert drafted[0] > drafted[1] > drafted[2]
 
 
 def test_full_model_baseline_equals_split_autoregressive(model, autoregressive_tokens):
@@ -85,17 +103,17 @@ def test_eos_stops_and_is_kept(model, autoregressive_tokens):
 def exact_second_token_distribution(model, prompt, cfg):
     """p(x2) = sum over x1 of p(x1 | prompt) p(x2 | prompt, x1), with the same temperature/top-k/top-p."""
     with torch.no_grad():
-        first = decoding.filtered_probs(model(torch.tensor([prompt]), torch.tensor([0]))[0, -1], cfg)
-        total = torch.zeros_like(first)
+        first = decoding.filtered_probs(model(torch.tensor([prompt]), torch.tensor([0]))[0, -1].numpy(), cfg)
+        total = np.zeros_like(first)
         for x1 in range(len(first)):
-            logits = model(torch.tensor([prompt + [x1]]), torch.tensor([0]))[0, -1]
+            logits = model(torch.tensor([prompt + [x1]]), torch.tensor([0]))[0, -1].numpy()
             total += first[x1] * decoding.filtered_probs(logits, cfg)
-    return total.numpy()
+    return total
 
 
-def second_tokens(model, cfg, n, prompt):
-    backend = EagerBackend(model, 1, 64)
-    counts = np.zeros(model.config.vocab_size)
+def second_tokens(backend, vocab_size, cfg, n, prompt):
+    """Counts of the second generated token over n seeds."""
+    counts = np.zeros(vocab_size)
     for seed in range(n):
         tokens = generate(backend, prompt, GenerationConfig(**{**cfg.__dict__, "seed": seed})).tokens
         counts[tokens[1]] += 1
@@ -111,21 +129,20 @@ def goodness_of_fit(observed, exact) -> float:
     return chisquare(observed[support], expected / expected.sum() * observed.sum()).pvalue
 
 
-@pytest.fixture(scope="module")
-def small_vocab_model():
-    torch.manual_seed(3)
-    return tiny_model(seed=3, agreeable=False, vocab_size=12, num_hidden_layers=3)
-
-
-@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_k=6, top_p=0.9)])
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_k=6, top_p=0.9),
+                                      dict(temperature=1.0, draft_threshold=0.3)])
 def test_self_speculative_sampling_keeps_the_distribution(small_vocab_model, settings):
     prompt = [3, 7]
     cfg = GenerationConfig(max_new_tokens=2, num_speculations=2, **settings)
     exact = exact_second_token_distribution(small_vocab_model, prompt, cfg)
-    observed = second_tokens(small_vocab_model, cfg, 2000, prompt)
+    backend, vocab = EagerBackend(small_vocab_model, 1, 64), small_vocab_model.config.vocab_size
+    observed = second_tokens(backend, vocab, cfg, 2000, prompt)
     assert goodness_of_fit(observed, exact) > 1e-3
-    ar = second_tokens(small_vocab_model, GenerationConfig(**{**cfg.__dict__, "self_speculative": False}), 2000, prompt)
+    ar = second_tokens(backend, vocab, GenerationConfig(**{**cfg.__dict__, "self_speculative": False}), 2000, prompt)
     assert goodness_of_fit(ar, exact) > 1e-3
+    if cfg.draft_threshold:  # the threshold must have cut some steps short and left others whole
+        stats = [generate(backend, prompt, GenerationConfig(**{**cfg.__dict__, "seed": s})).stats for s in range(200)]
+        assert 0 < sum(s.early_stops for s in stats) < sum(s.steps for s in stats)
 
 
 def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
@@ -140,7 +157,8 @@ def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
         return len(drafts), drafts + [new[-1]]
 
     monkeypatch.setattr(decoding.TokenChooser, "accept", accept_everything)
-    observed = second_tokens(small_vocab_model, cfg, 2000, prompt)
+    observed = second_tokens(EagerBackend(small_vocab_model, 1, 64), small_vocab_model.config.vocab_size, cfg, 2000,
+                             prompt)
     assert goodness_of_fit(observed, exact) < 1e-6
 
 
@@ -149,7 +167,7 @@ def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
 
 def test_bad_generation_settings_are_user_errors():
     for bad in (dict(num_speculations=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0),
-                dict(top_k=-2)):
+                dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1)):
         with pytest.raises(UserError):
             GenerationConfig(**bad)
 

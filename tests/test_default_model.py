@@ -24,13 +24,14 @@ def test_transformers_loads_it_and_agrees_with_our_model():
 def test_recommended_settings_are_used_and_reach_the_acceptance_target():
     opened = open_checkpoint()  # no --exit-layer / --num-speculations: the model's layerskip.json
     recommended = json.loads((DEFAULT_MODEL_DIR / "layerskip.json").read_text())
-    assert (opened.backend.exit_layer, opened.num_speculations) == (recommended["exit_layer"],
-                                                                    recommended["num_speculations"])
+    assert (opened.backend.exit_layer, opened.num_speculations, opened.draft_threshold) == (
+        recommended["exit_layer"], recommended["num_speculations"], recommended["draft_threshold"])
     assert opened.backend.exit_layer <= opened.backend.num_layers // 2
     accepted = drafted = 0
     for problem in humaneval_prompts()[:4]:
         ids = opened.tokenizer.encode(problem["prompt"])
-        spec = generate(opened.backend, ids, GenerationConfig(max_new_tokens=64, num_speculations=4))
+        spec = generate(opened.backend, ids, GenerationConfig(max_new_tokens=64, num_speculations=4,
+                                                              draft_threshold=opened.draft_threshold))
         ar = generate(opened.backend, ids, GenerationConfig(max_new_tokens=64, self_speculative=False))
         assert spec.tokens == ar.tokens
         accepted, drafted = accepted + spec.stats.accepted, drafted + spec.stats.drafted

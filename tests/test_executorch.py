@@ -6,13 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from export.manifest import read_manifest
+from runtime.artifact import read_manifest
 from export.pipeline import ExportConfig, run_export
 from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff
-from models.errors import UserError
+from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
 
@@ -49,8 +50,8 @@ def test_full_model_method_matches_eager(tiny_checkpoint, fp32_pte):
 
     model, _ = load_model(tiny_checkpoint)
     with torch.no_grad():
-        expected = model(torch.tensor([PROMPT]), torch.tensor([0]))[0, -1]
-    assert (backend.forward(PROMPT, 0) - expected).abs().max() <= 1e-4
+        expected = model(torch.tensor([PROMPT]), torch.tensor([0]))[0, -1].numpy()
+    assert np.abs(backend.forward(PROMPT, 0) - expected).max() <= 1e-4
 
 
 @pytest.mark.parametrize("which", ["fp32_pte", "int4_pte"])
@@ -67,18 +68,35 @@ def test_greedy_self_speculation_equals_autoregressive_on_the_pte(which, request
     assert spec.stats.draft_calls < one_by_one.stats.draft_calls  # the fused draft_greedy method was used
 
 
-def test_int4_pte_matches_the_torchao_quantized_eager_model(tiny_checkpoint, int4_pte):
-    """The lowering is faithful to torchao's 8da4w numerics (XNNPACK's int8 activation rounding aside)."""
+@pytest.fixture(scope="module")
+def per_channel_int4_pte(tiny_checkpoint, tmp_path_factory):
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("int4pc"), quant="int4", group_size=0,
+                  methods=("draft", "verify"))
+
+
+@pytest.mark.parametrize("which", ["int4_pte", "per_channel_int4_pte"])
+def test_int4_pte_matches_the_torchao_quantized_eager_model(tiny_checkpoint, which, request):
+    """The lowering is faithful to torchao's 8da4w numerics (XNNPACK's int8 activation rounding aside),
+    per group of 32 input channels and per output channel (--group-size 0)."""
     from models.checkpoint import load_model
     from quant.torchao_schemes import quantize_model
     from runtime.eager import EagerBackend
 
+    manifest = request.getfixturevalue(which)
     model, _ = load_model(tiny_checkpoint)
-    quantize_model(model, "int4", 32)
-    expected = call_sequence(EagerBackend(model, int4_pte.exit_layer, int4_pte.max_seq_len))
-    got = call_sequence(open_artifact(int4_pte.directory).backend)
-    scale = max(float(e.abs().max()) for e in expected)
+    quantize_model(model, "int4", manifest.group_size)
+    expected = call_sequence(EagerBackend(model, manifest.exit_layer, manifest.max_seq_len))
+    got = call_sequence(open_artifact(manifest.directory).backend)
+    scale = max(float(np.abs(e).max()) for e in expected)
     assert max_diff(got, expected) <= 0.08 * scale
+    if which == "per_channel_int4_pte":  # the two layouts differ: the test compares against the right one
+        quantize_model(grouped := load_model(tiny_checkpoint)[0], "int4", 32)
+        other = call_sequence(EagerBackend(grouped, manifest.exit_layer, manifest.max_seq_len))
+        assert max_diff(other, expected) > 1e-3
+        opened = open_artifact(manifest.directory)
+        ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False))
+        spec = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3))
+        assert spec.tokens == ar.tokens and 0 < spec.stats.accepted < spec.stats.drafted
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
@@ -190,21 +208,24 @@ def test_sweep_pairs_each_point_with_its_own_baseline_and_writes_the_best(tiny_c
     e = fp32_pte.exit_layer
     reused = Path(shutil.copytree(fp32_pte.directory, tmp_path / "out" / "sweep" / f"e{e}" / "pte"))
     before = (reused / "manifest.json").stat().st_mtime_ns
-    cfg = BenchConfig(model=model, sweep=True, exit_layers=(e,), draft_lengths=(1, 3), sweep_quant="none",
-                      repeats=2, max_new_tokens=24, write_recommended=True, out=tmp_path / "out")
+    cfg = BenchConfig(model=model, sweep=True, exit_layers=(e,), draft_lengths=(1, 3), draft_thresholds=(0.0, 0.6),
+                      sweep_quant="none", repeats=2, max_new_tokens=24, write_recommended=True, out=tmp_path / "out")
     sweep = run_sweep(cfg, ["def add(a, b):\n", "class Point:\n", "for i in range(10):\n"])
 
     assert (reused / "manifest.json").stat().st_mtime_ns == before  # the matching artifact is not re-exported
-    assert [(p["exit_layer"], p["num_speculations"]) for p in sweep["surface"]] == [(e, 1), (e, 3)]
+    assert [(p["exit_layer"], p["num_speculations"], p["draft_threshold"]) for p in sweep["surface"]] == [
+        (e, 1, 0.0), (e, 1, 0.6), (e, 3, 0.0), (e, 3, 0.6)]
     for p in sweep["surface"]:
         assert p["greedy_identical_fraction"] == 1.0
         assert p["speedup"] == pytest.approx(p["spec_tokens_per_s"] / p["ar_tokens_per_s"])
         assert p["layer_bound_speedup"] == pytest.approx(
-            layer_bound_speedup(4, e, p["num_speculations"], p["mean_tokens_per_step"]))
-    # each d carries its own baseline, measured beside it
-    assert sweep["surface"][0]["ar_tokens_per_s"] != sweep["surface"][1]["ar_tokens_per_s"]
+            layer_bound_speedup(4, e, p["mean_drafts_per_step"], p["mean_tokens_per_step"]))
+        assert (p["mean_drafts_per_step"] == p["num_speculations"]) == (p["draft_threshold"] == 0.0)
+    # each point carries its own baseline, measured beside it
+    assert len({p["ar_tokens_per_s"] for p in sweep["surface"]}) == 4
     best = max(sweep["surface"], key=lambda p: p["speedup"])
     assert sweep["best"] == best
     written = json.loads((model / "layerskip.json").read_text())
-    assert (written["exit_layer"], written["num_speculations"]) == (e, best["num_speculations"])
+    assert (written["exit_layer"], written["num_speculations"], written["draft_threshold"]) == (
+        e, best["num_speculations"], best["draft_threshold"])
     assert written["measured"]["speedup"] == round(best["speedup"], 3)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_model
-from runtime import measure
+from runtime import measure, rss
 from runtime.eager import EagerBackend
 
 
@@ -26,9 +26,9 @@ def test_heldout_quality_through_chunked_calls_equals_one_full_forward(tiny_chec
 
 
 def test_peak_rss_reset_sees_a_new_allocation():
-    before = measure.reset_peak_rss()
+    before = rss.reset_peak_rss()
     block = np.ones(200 * 2**20 // 8)  # 200 MB, touched
-    assert measure.peak_rss_mb() - before >= 190
+    assert rss.peak_rss_mb() - before >= 190
     del block
 
 

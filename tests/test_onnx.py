@@ -1,12 +1,14 @@
 """The .onnx artifact: numerics against eager, exact self-speculation, weights stored once, bad input."""
 
+from pathlib import Path
+
 import onnx
 import pytest
 import torch
 
 from export.pipeline import ExportConfig, run_export
 from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff
-from models.errors import UserError
+from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
 
@@ -150,3 +152,32 @@ def test_int8_artifact_quantizes_linears_and_embedding(tiny_checkpoint, tmp_path
     ar = generate(backend, PROMPT, GenerationConfig(max_new_tokens=30, self_speculative=False))
     spec = generate(backend, PROMPT, GenerationConfig(max_new_tokens=30, num_speculations=3))
     assert spec.tokens == ar.tokens
+
+
+def test_the_recommended_draft_threshold_travels_to_the_runtime(tiny_checkpoint, tmp_path):
+    """layerskip.json's tau -> the manifest -> the runtime's default; a flag overrides it at each step."""
+    import json
+    import shutil
+
+    from runtime.decoding import GenerationConfig
+
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    (checkpoint / "layerskip.json").write_text(json.dumps({"exit_layer": 2, "num_speculations": 3,
+                                                           "draft_threshold": 0.1}))
+    manifest = export(checkpoint, tmp_path / "a", methods=("draft", "verify"))
+    assert manifest.draft_threshold == 0.1
+    opened = open_artifact(manifest.directory)
+    assert opened.draft_threshold == 0.1
+    assert open_artifact(manifest.directory, draft_threshold=0.0).draft_threshold == 0.0
+    assert export(checkpoint, tmp_path / "b", methods=("draft", "verify"), draft_threshold=0.7).draft_threshold == 0.7
+    ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=40, self_speculative=False))
+    spec = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=40, num_speculations=3,
+                                                             draft_threshold=opened.draft_threshold))
+    assert spec.tokens == ar.tokens and spec.stats.early_stops > 0
+
+
+@pytest.mark.parametrize("group_size", [0, 48, 512])
+def test_a_block_size_matmulnbits_cannot_take_is_refused_before_any_work(tiny_checkpoint, tmp_path, group_size):
+    with pytest.raises(UserError, match="MatMulNBits block size"):
+        export(tiny_checkpoint, tmp_path, quant="int4", group_size=group_size)
+    assert not (tmp_path / "onnx").exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import train as train_module
-from models.errors import UserError
+from runtime.errors import UserError
 from models.layerskip import LayerSkipRecipe, skip_or_run
 from models.model import DecoderLayer
 from models.train import TrainConfig, parse_args, train

@@ -1,4 +1,10 @@
-"""manifest.json: the runtime facts of an exported artifact directory, checked when it is opened."""
+"""What the exporter and the runtime agree on about an artifact directory, and nothing else.
+
+manifest.json (the runtime facts, checked when an artifact is opened), the layers each exported
+method holds, and the ONNX graphs' cache input/output names. `export/` writes through this module
+and `runtime/` reads through it; it imports only the standard library, so that an app running an
+artifact never loads the exporter, the model code or PyTorch.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,60 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from models.checkpoint import read_json
-from models.config import ModelConfig
-from models.errors import UserError
+from runtime.errors import UserError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 FORMATS = ("pte", "onnx")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} '{path}' is not valid JSON ({e}); restore or regenerate the file.") from None
+
+
+def check_exit_layer(exit_layer: int, num_layers: int) -> int:
+    """The draft prefix is layers [0, E) and the verify suffix [E, L): both must be non-empty."""
+    if not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers - 1:
+        raise UserError(f"exit layer {exit_layer} is out of range: this model has {num_layers} layers, "
+                        f"so pass --exit-layer between 1 and {num_layers - 1}.")
+    return exit_layer
+
+
+def method_layers(name: str, exit_layer: int, num_layers: int) -> range:
+    """The layers whose KV cache a method reads and writes."""
+    if name in ("draft", "draft_greedy"):
+        return range(0, exit_layer)
+    return range(exit_layer, num_layers) if name == "verify" else range(0, num_layers)
+
+
+def cache_input_names(layers: range) -> list[str]:
+    """ONNX graph inputs of the KV caches, in this order: past_key_i, past_value_i for each layer i."""
+    return [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")]
+
+
+def cache_output_names(layers: range) -> list[str]:
+    return [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The model facts a runtime needs to size its buffers (a subset of the exported model config)."""
+
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> "ModelShape":
+        return cls(int(c["num_hidden_layers"]), int(c["hidden_size"]), int(c["num_key_value_heads"]),
+                   int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]), int(c["vocab_size"]))
 
 
 @dataclass
@@ -23,7 +76,7 @@ class Manifest:
     files: dict[str, str]  # role -> file name in the directory (e.g. {"program": "model.pte"})
     file_sizes: dict[str, int]  # file name -> bytes, to catch truncated copies before loading
     methods: list[str]
-    model_config: dict[str, Any]
+    model_config: dict[str, Any]  # models.config.ModelConfig.to_dict() of the exported model
     exit_layer: int
     num_speculations: int
     max_seq_len: int
@@ -35,13 +88,14 @@ class Manifest:
     source: dict[str, str]  # {"path": ..., "sha256": ...} of the checkpoint exported
     versions: dict[str, str]
     backend: str  # "xnnpack", "portable" or "onnxruntime"
+    draft_threshold: float = 0.0  # the recommended tau of adaptive drafting (0: always d drafts)
     extra: dict[str, Any] = field(default_factory=dict)
     manifest_version: int = MANIFEST_VERSION
     directory: Path = Path(".")  # where it was read from; not stored
 
     @property
-    def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.model_config)
+    def shape(self) -> ModelShape:
+        return ModelShape.from_config(self.model_config)
 
     @property
     def draft_vocab(self) -> int:
@@ -58,7 +112,8 @@ class Manifest:
 
     def summary(self) -> dict[str, Any]:
         return {"backend": f"{self.format}/{self.backend}", "artifact": str(self.directory), "quant": self.quant,
-                "exit_layer": self.exit_layer, "max_seq_len": self.max_seq_len, "file_sizes": self.file_sizes,
+                "exit_layer": self.exit_layer, "draft_threshold": self.draft_threshold,
+                "max_seq_len": self.max_seq_len, "file_sizes": self.file_sizes,
                 "draft_vocab": self.draft_vocab, **({"kv_cache": self.extra["kv_cache"]} if "kv_cache" in self.extra else {})}
 
 
@@ -69,19 +124,29 @@ def read_manifest(directory: Path | str) -> Manifest:
         raise UserError(f"Artifact directory '{directory}' does not exist; run export.py first.")
     path = directory / MANIFEST
     if not path.exists():
+        inside = sorted(f.parent.name for f in directory.glob(f"*/{MANIFEST}"))
+        if inside:  # export.py --out OUT writes OUT/pte and OUT/onnx
+            raise UserError(f"'{directory}' holds artifacts in {', '.join(inside)}; pass --artifact "
+                            f"{directory / inside[0]}" + (" (or another of them)." if len(inside) > 1 else "."))
         raise UserError(f"Artifact directory '{directory}' has no {MANIFEST}; re-export it with export.py.")
     raw = read_json(path, "Artifact manifest")
     if raw.get("manifest_version") != MANIFEST_VERSION:
         raise UserError(f"'{path}' has manifest version {raw.get('manifest_version')}, this runtime reads "
                         f"{MANIFEST_VERSION}; re-export the artifact with this version of export.py.")
-    names = {f.name for f in dataclasses.fields(Manifest)} - {"directory"}
-    missing = sorted(n for n in names if n not in raw and n != "extra")
+    fields = [f for f in dataclasses.fields(Manifest) if f.name != "directory"]
+    names = {f.name for f in fields}
+    optional = {f.name for f in fields if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    missing = sorted(n for n in names - optional if n not in raw)
     if missing:
         raise UserError(f"'{path}' lacks {', '.join(missing)}; re-export the artifact with export.py.")
     manifest = Manifest(**{k: v for k, v in raw.items() if k in names}, directory=directory)
     if manifest.format not in FORMATS:
         raise UserError(f"'{path}' has format {manifest.format!r}; expected one of {FORMATS}.")
-    manifest.config.check_exit_layer(manifest.exit_layer)
+    try:
+        shape = manifest.shape
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise UserError(f"'{path}' has an incomplete model_config; re-export the artifact with export.py.") from None
+    check_exit_layer(manifest.exit_layer, shape.num_layers)
     for name, size in manifest.file_sizes.items():
         file = directory / name
         if not file.exists():
