@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import write_checkpoint
@@ -123,4 +122,3 @@ def test_self_speculative_sampling_through_onnx_runtime_keeps_the_distribution(s
     backend = open_artifact(small_vocab_onnx.directory).backend
     observed = second_tokens(backend, small_vocab_model.config.vocab_size, cfg, 2000, prompt)
     assert goodness_of_fit(observed, exact) > 1e-3
-    assert np.isclose(observed.sum(), 2000)
