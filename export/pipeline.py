@@ -132,7 +132,8 @@ def resolve(cfg: ExportConfig) -> Resolved:
     ckpt = read_checkpoint(cfg.model)
     exit_layer = cfg.exit_layer if cfg.exit_layer is not None else ckpt.recommended.get("exit_layer")
     if exit_layer is None:
-        raise UserError(f"checkpoint '{cfg.model}' records no recommended exit layer; pass --exit-layer E.")
+        raise UserError(f"checkpoint '{cfg.model}' records no recommended exit layer (no layerskip.json); pass "
+                        f"--exit-layer E (python -m models.evaluate --model {cfg.model} shows each exit's acceptance).")
     ckpt.config.check_exit_layer(int(exit_layer))
     d = cfg.num_speculations if cfg.num_speculations is not None else int(
         ckpt.recommended.get("num_speculations", DEFAULT_DRAFT_LENGTH))

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                                    draft_threshold=args.draft_threshold)
         else:
             opened = open_checkpoint(args.model, args.exit_layer, args.num_speculations, args.max_seq_len, args.threads,
-                                     args.draft_threshold)
+                                     args.draft_threshold, autoregressive=args.ar)
         cfg = GenerationConfig(
             max_new_tokens=args.max_new_tokens, self_speculative=not args.ar, num_speculations=opened.num_speculations,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -38,18 +38,24 @@ def full_install_needed(what: str):
                         f"runs .onnx artifacts only): pip install -e . for the full install.") from None
 
 
-def recommended_exit_layer(recommended: dict, requested: Optional[int], source: str) -> int:
+def recommended_exit_layer(recommended: dict, requested: Optional[int], num_layers: int, model_dir: Path,
+                           autoregressive: bool = False) -> int:
     if requested is not None:
         return requested
-    if "exit_layer" not in recommended:
-        raise UserError(f"{source} records no recommended exit layer; pass --exit-layer E.")
-    return int(recommended["exit_layer"])
+    if "exit_layer" in recommended:
+        return int(recommended["exit_layer"])
+    if autoregressive:  # plain decoding emits the same tokens whatever the draft/verify split
+        return max(1, num_layers // 2)
+    raise UserError(f"checkpoint '{model_dir}' records no recommended exit layer (no layerskip.json); pass "
+                    f"--exit-layer E (python -m models.evaluate --model {model_dir} shows each exit's acceptance), "
+                    f"or --ar for plain decoding.")
 
 
 def open_checkpoint(model_dir: Optional[Path | str] = None, exit_layer: Optional[int] = None,
                     num_speculations: Optional[int] = None, max_seq_len: Optional[int] = None,
-                    threads: int = 0, draft_threshold: Optional[float] = None) -> Opened:
-    """The eager PyTorch backend on a Hugging Face checkpoint directory (default: the shipped model)."""
+                    threads: int = 0, draft_threshold: Optional[float] = None, autoregressive: bool = False) -> Opened:
+    """The eager PyTorch backend on a Hugging Face checkpoint directory (default: the shipped model).
+    `autoregressive`: only plain decoding will run, so a checkpoint without a recommended exit layer opens."""
     with full_install_needed("running a checkpoint directory (the eager backend)"):
         import torch
 
@@ -60,7 +66,8 @@ def open_checkpoint(model_dir: Optional[Path | str] = None, exit_layer: Optional
     if threads:
         torch.set_num_threads(threads)
     ckpt = read_checkpoint(model_dir)
-    exit_layer = recommended_exit_layer(ckpt.recommended, exit_layer, f"checkpoint '{model_dir}'")
+    exit_layer = recommended_exit_layer(ckpt.recommended, exit_layer, ckpt.config.num_hidden_layers, model_dir,
+                                        autoregressive)
     ckpt.config.check_exit_layer(exit_layer)
     max_seq_len = max_seq_len or min(ckpt.config.max_position_embeddings, 2048)
     if max_seq_len < 2:

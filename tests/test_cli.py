@@ -90,3 +90,21 @@ def test_corrupt_weights(tmp_path, tiny_checkpoint, capsys):
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 3])
     assert cli.main(["--model", str(ckpt), "--prompt", "x"]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_a_plain_checkpoint_decodes_with_ar_and_names_how_to_choose_an_exit_otherwise(tiny_checkpoint, tmp_path,
+                                                                                     capsys):
+    """Without layerskip.json, --ar needs no exit layer (any split gives the same tokens); self-speculation
+    says in one line how to choose one."""
+    import shutil
+
+    plain = Path(shutil.copytree(tiny_checkpoint, tmp_path / "plain"))
+    (plain / "layerskip.json").unlink()
+    common = ["--prompt", "def add(a, b):", "--max-new-tokens", "30", "--ar"]
+    ar = run_json(capsys, "--model", str(plain), *common)
+    assert ar["settings"]["exit_layer"] == 2  # L // 2 of the 4-layer model, stated in the JSON
+    assert ar["tokens"] == run_json(capsys, "--model", str(plain), *common, "--exit-layer", "1")["tokens"]
+    assert cli.main(["--model", str(plain), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "no recommended exit layer" in err and "models.evaluate" in err and "--ar" in err
+    assert "Traceback" not in err
