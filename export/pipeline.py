@@ -22,12 +22,12 @@ import torch
 
 from models.checkpoint import DEFAULT_MODEL_DIR, checkpoint_hash, load_model, read_checkpoint
 from models.draft_vocab import check_draft_vocab, draft_vocab_ids
-from runtime.decoding import check_draft_threshold
-from runtime.errors import UserError
 from models.config import ModelConfig
 from models.model import Transformer
-from runtime.artifact import Manifest, write_manifest
 from export.methods import DEFAULT_METHODS
+from runtime.artifact import Manifest, write_manifest
+from runtime.decoding import check_draft_threshold
+from runtime.errors import UserError
 
 BACKENDS = ("xnnpack", "portable", "onnx", "all")
 DEFAULT_DRAFT_LENGTH = 4
@@ -79,10 +79,9 @@ class ExportConfig:
         from quant.torchao_schemes import check_group_size, resolve_scheme
 
         for target in self.targets():  # reject an unknown scheme or layout before any work is done
-            if target == "onnx" and resolve_onnx_scheme(self.quant) != "none" and self.group_size is not None:
-                check_block_size(self.group_size)
-            elif target != "onnx" and resolve_scheme(self.quant) != "none" and self.group_size is not None:
-                check_group_size(self.group_size)
+            scheme = resolve_onnx_scheme(self.quant) if target == "onnx" else resolve_scheme(self.quant)
+            if scheme != "none" and self.group_size is not None:
+                (check_block_size if target == "onnx" else check_group_size)(self.group_size)
 
     def group_size_for(self, target: str, config: ModelConfig) -> int:
         """target: "onnx", or "xnnpack" / "portable" / "pte" for the .pte."""

@@ -116,8 +116,8 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
                                 is_onnx(record)))
     m = record["modes"]
     b = opened.backend
-    record["layer_bound_speedup"] = measure.layer_bound_speedup(b.num_layers, b.exit_layer, m["spec"]["mean_drafts_per_step"],
-                                                                m["spec"]["mean_tokens_per_step"])
+    record["layer_bound_speedup"] = measure.layer_bound_speedup(
+        b.num_layers, b.exit_layer, m["spec"]["mean_drafts_per_step"], m["spec"]["mean_tokens_per_step"])
     print(f"[bench] {label}: spec {m['spec']['decode_tokens_per_s']:.1f} tok/s vs AR "
           f"{max(m[k]['decode_tokens_per_s'] for k in ('ar', 'ar_full') if k in m):.1f} -> {m.get('speedup', 0):.2f}x, "
           f"acceptance {m['spec']['acceptance_rate']:.2f}", file=sys.stderr, flush=True)

@@ -181,20 +181,13 @@ class TokenChooser:
         cdf = np.cumsum(probs)
         return min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), len(cdf) - 1)
 
-    def choose(self, logits: np.ndarray) -> tuple[int, Optional[np.ndarray]]:
-        """A token from logits [V], and the distribution it was drawn from (None when greedy)."""
-        if self.cfg.greedy:
-            return int(logits.argmax()), None
-        probs = filtered_probs(logits, self.cfg)
-        return self.sample(probs), probs
+    def choose(self, logits: np.ndarray, tau: float = 0.0) -> Optional[tuple[int, Optional[np.ndarray]]]:
+        """A token from logits [V], and the distribution it was drawn from (None when greedy); or None
+        when the top-1 probability of that distribution (the plain softmax when greedy) is below tau.
 
-    def draft(self, logits: np.ndarray) -> Optional[tuple[int, Optional[np.ndarray]]]:
-        """choose(logits) for a draft, or None when the exit is not confident enough to draft.
-
-        Confidence is the top-1 probability of the distribution drafts are drawn from (the plain
-        softmax when greedy). It depends on the draft side alone, so stopping on it leaves the
-        acceptance rule exact: every emitted token is still drawn from the verifier's distribution."""
-        tau = self.cfg.draft_threshold
+        Drafts pass the draft threshold as tau. The confidence depends on the draft side alone, so
+        stopping on it leaves the acceptance rule exact: every emitted token is still drawn from the
+        verifier's distribution."""
         if self.cfg.greedy:
             token = int(logits.argmax())
             if tau and 1.0 / float(np.exp(logits - logits[token]).sum()) < tau:
@@ -348,7 +341,7 @@ def draft_one_by_one(calls: TimedBackend, chooser: TokenChooser, token: int, pos
     drafts, draft_probs = [], []
     x = token
     for k in range(d):
-        drafted = chooser.draft(calls.draft([x], pos + k))
+        drafted = chooser.choose(calls.draft([x], pos + k), chooser.cfg.draft_threshold)
         if drafted is None:  # x's prefix pass is done; the low-confidence token is not proposed
             return drafts, draft_probs
         x, q = drafted

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
                                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}}))
     else:
         print(f"\n---\n[{'autoregressive' if args.ar else 'self-speculative'}, {opened.facts.get('backend')}, "
-              f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}, tau={cfg.draft_threshold:g}] {stats.summary()}", file=sys.stderr)
+              f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}, tau={cfg.draft_threshold:g}] "
+              f"{stats.summary()}", file=sys.stderr)
     if stats.stop_reason == "max_seq_len":
         print(f"note: generation stopped at the cache's {opened.backend.max_seq_len} positions; "
               f"use a larger --max-seq-len (or re-export) for longer outputs.", file=sys.stderr)

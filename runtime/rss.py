@@ -58,8 +58,9 @@ def probe(spec: dict) -> dict:
         block_torch()
     for module in TORCH_FREE_MODULES if torch_free else FULL_RUNTIME_MODULES:
         importlib.import_module(module)
-    from runtime.decoding import GenerationConfig, generate
+    from runtime.decoding import generate
     from runtime.loader import open_target
+    from runtime.measure import mode_config
 
     import_peak = peak_rss_mb()
     baseline = reset_peak_rss()
@@ -72,9 +73,7 @@ def probe(spec: dict) -> dict:
     else:  # the full-model baseline loads only its own method, as an app running it alone would
         opened = open_target(spec, spec.get("threads", 0), ("forward",) if spec["mode"] == "ar_full" else None)
         backend, eos = opened.backend, tuple(opened.eos_token_ids)
-    cfg = GenerationConfig(max_new_tokens=spec["max_new_tokens"], self_speculative=spec["mode"] == "spec",
-                           num_speculations=spec["d"], full_model_baseline=spec["mode"] == "ar_full",
-                           eos_token_ids=eos, draft_threshold=spec.get("draft_threshold", 0.0))
+    cfg = mode_config(spec["mode"], spec["d"], spec["max_new_tokens"], eos, spec.get("draft_threshold", 0.0))
     for ids in spec["prompts"]:
         generate(backend, ids, cfg)
     peak = peak_rss_mb()
