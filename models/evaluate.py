@@ -110,10 +110,11 @@ def acceptance_table(model, prompts: list[list[int]], exit_layers, max_new_token
     return {key: {"acceptance_rate": t[1] / t[0], "mean_tokens_per_step": t[3] / t[2]} for key, t in totals.items()}
 
 
-def evaluate(model_dir: Path, limit: int, max_new_tokens: int, windows: int, exit_layers=None) -> dict:
+def evaluate(model_dir: Path, limit: int, max_new_tokens: int, windows: int, exit_layers=None,
+             corpus: Path | None = None) -> dict:
     model, ckpt = load_model(model_dir)
     tokenizer = TextTokenizer(ckpt.tokenizer_path, ckpt.bos_token_id)
-    root, files = corpus_files()
+    root, files = corpus_files(corpus)
     _, heldout = split_files(root, files)
     heldout_ids = encode_files(tokenizer.tokenizer, heldout, ckpt.bos_token_id or 0, ckpt.eos_token_ids[0])
     seq_len = min(512, ckpt.config.max_position_embeddings)
@@ -180,11 +181,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--windows", type=int, default=32, help="held-out windows of up to 512 tokens")
     p.add_argument("--exit-layers", type=int, nargs="*", help="exit layers to generate with (default: all)")
+    p.add_argument("--corpus", type=Path, help="the training corpus folder, for its held-out split (default: "
+                   "this Python's standard library)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     a = p.parse_args(argv)
     try:
         t = time.perf_counter()
-        results = [evaluate(m, a.limit, a.max_new_tokens, a.windows, a.exit_layers) for m in [a.model, *a.compare]]
+        results = [evaluate(m, a.limit, a.max_new_tokens, a.windows, a.exit_layers, a.corpus)
+                   for m in [a.model, *a.compare]]
         a.out.mkdir(parents=True, exist_ok=True)
         write_json(a.out / "eval.json", {"settings": {k: str(v) for k, v in vars(a).items()}, "results": results})
         (a.out / "eval.md").write_text(markdown(results))

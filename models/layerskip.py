@@ -29,6 +29,10 @@ class LayerSkipRecipe:
     curriculum: str = "rotational"  # which layers carry the early-exit loss at a step
     rotation_interval: int = 2  # rotational: every R-th layer, shifted by one each step
     early_exit_scale: float = 1.0  # e_scale: weight of non-final layers before normalising
+    # The exit you will deploy (E = layers run; 0: none): its loss is in every step, weighted
+    # focus_weight x the last layer's before normalising. Moves the copying circuit to layers <= E.
+    focus_exit: int = 0
+    focus_weight: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.dropout_max < 1.0:
@@ -41,6 +45,8 @@ class LayerSkipRecipe:
             raise UserError(f"--rotation-interval {self.rotation_interval} must be >= 1.")
         if self.early_exit_scale < 0:
             raise UserError(f"--early-exit-scale {self.early_exit_scale} must be >= 0.")
+        if self.focus_exit < 0 or self.focus_weight < 0:
+            raise UserError("--focus-exit and --focus-weight must be >= 0.")
 
     @classmethod
     def off(cls) -> "LayerSkipRecipe":
@@ -64,11 +70,20 @@ class LayerSkipRecipe:
         else:  # gradual: enable layers from last to first as training proceeds
             enabled = math.ceil((step + 1) / max(total_steps, 1) * last)
             early = list(range(last - enabled, last))
+        if self.focus_exit and self.focus_exit - 1 not in early:
+            early = sorted(early + [self.focus_exit - 1])
         return early + [last]
 
     def loss_weights(self, layers: list[int], n_layers: int) -> list[float]:
-        """Weights growing linearly with depth, e_scale on non-final layers, normalised to sum to one."""
-        raw = [(l + 1) / n_layers * (1.0 if l == n_layers - 1 else self.early_exit_scale) for l in layers]
+        """Weights growing linearly with depth, e_scale on non-final layers, normalised to sum to one;
+        the focus exit's raw weight is focus_weight (the last layer's is 1)."""
+        def raw_weight(l: int) -> float:
+            if l == n_layers - 1:
+                return 1.0
+            if l == self.focus_exit - 1:
+                return self.focus_weight
+            return (l + 1) / n_layers * self.early_exit_scale
+        raw = [raw_weight(l) for l in layers]
         total = sum(raw)
         return [w / total for w in raw]
 
@@ -90,7 +105,7 @@ class LayerSkipLoss(nn.Module):
         """
         model = self.model
         h = model.embed_tokens(tokens)  # [B, T, dim]
-        cos, sin = model.rope(torch.arange(tokens.shape[1]))
+        cos, sin = model.rope(torch.arange(tokens.shape[1], device=tokens.device))
         losses = {}
         for l, layer in enumerate(model.layers):
             h = skip_or_run(layer, h, keep[l], cos, sin)

@@ -3,6 +3,7 @@
     python -m models.train --out runs/default --steps 3000                 # from scratch on the stdlib corpus
     python -m models.train --out runs/ft --init-from DIR --steps 500       # continual pre-training
     torchrun --nproc-per-node 2 -m models.train --out runs/ddp ...         # DistributedDataParallel
+    python -m models.train --out runs/gpu --device cuda ...                # one GPU (bf16 autocast)
 
 The output directory is a Hugging Face Llama checkpoint (config.json, model.safetensors,
 tokenizer.json, generation_config.json) plus train_log.json and train_loss.png. Training resumes
@@ -55,6 +56,7 @@ class TrainConfig:
     tie_word_embeddings: bool = True
     # data
     corpus: Optional[Path] = None  # default: this interpreter's standard library
+    tokenizer: Optional[Path] = None  # a tokenizer.json to reuse instead of training BPE on the corpus
     seq_len: int = 768
     batch_size: int = 16  # sequences per optimizer step, across all ranks
     # optimizer
@@ -66,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # autocast on CPUs with native bf16 (AVX512-BF16 / AMX); ignored elsewhere
     threads: int = 0  # 0: torch's default
+    device: str = "cpu"  # "cuda": one GPU (under torchrun: the local rank's)
     checkpoint_every: int = 200
     eval_every: int = 200
     eval_batches: int = 4
@@ -82,6 +85,12 @@ class TrainConfig:
             raise UserError("--lr must be positive.")
         if self.init_from is None and self.num_hidden_layers < 2:
             raise UserError("--layers must be >= 2: LayerSkip needs an exit layer before the last.")
+        if self.init_from is None and self.recipe.focus_exit >= self.num_hidden_layers:
+            raise UserError(f"--focus-exit {self.recipe.focus_exit} must be below --layers {self.num_hidden_layers}.")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"--device {self.device!r} is unknown; use cpu or cuda.")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available to this PyTorch; train with --device cpu.")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
@@ -121,14 +130,20 @@ class Run:
 def init_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:
         return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
 def prepare_tokenizer(cfg: TrainConfig, root: Path, train_files: list[Path]):
-    """From scratch: train BPE on the training split. From a checkpoint: reuse its tokenizer."""
+    """From scratch: train BPE on the training split (or reuse --tokenizer). From a checkpoint: its tokenizer."""
     from tokenizers import Tokenizer
 
+    if cfg.tokenizer is not None:
+        if not Path(cfg.tokenizer).is_file():
+            raise UserError(f"--tokenizer '{cfg.tokenizer}' does not exist; pass a tokenizer.json file.")
+        return Tokenizer.from_file(str(cfg.tokenizer))
     if cfg.init_from is not None:
         path = Path(cfg.init_from) / "tokenizer.json"
         if not path.exists():
@@ -181,6 +196,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
     if len(train_ids) <= cfg.seq_len + 1:
         raise UserError(f"the corpus has only {len(train_ids)} tokens, fewer than --seq-len {cfg.seq_len}; "
                         f"add files or lower --seq-len.")
+    model.to(cfg.device)
     loss_module = LayerSkipLoss(model)
     if world > 1:
         # Layer dropout can skip a layer for every local sample, leaving its parameters without a gradient.
@@ -218,7 +234,8 @@ def step_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     draws = torch.from_numpy(rng.random((len(rates), cfg.batch_size))).float()
     keep = draws >= rates[:, None]  # [L, B]
     share = slice(run.rank, None, run.world)
-    return tokens[share], targets[share], keep[:, share]
+    device = cfg.device
+    return tokens[share].to(device), targets[share].to(device), keep[:, share].to(device)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -229,6 +246,8 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def autocast(cfg: TrainConfig):
+    if cfg.device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16)
     enabled = cfg.bf16 and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
@@ -263,9 +282,10 @@ def evaluate_exits(run: Run) -> dict[int, float]:
     totals = [0.0] * n_layers
     for _ in range(cfg.eval_batches):
         tokens, targets = batch(run.heldout_ids, min(cfg.seq_len, len(run.heldout_ids) - 2), 4, rng)
+        tokens, targets = tokens.to(cfg.device), targets.to(cfg.device)
         with autocast(cfg):
             h = model.embed_tokens(tokens)
-            cos, sin = model.rope(torch.arange(tokens.shape[1]))
+            cos, sin = model.rope(torch.arange(tokens.shape[1], device=tokens.device))
             for l, layer in enumerate(model.layers):
                 h = layer(h, cos, sin, None)
                 logits = model.exit_logits(h).float()
@@ -290,11 +310,11 @@ def load_state(run: Run) -> None:
     if run.cfg.restart or not path.exists():
         return
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location=run.cfg.device, weights_only=False)
     except Exception as e:
         raise UserError(f"training state '{path}' is unreadable ({e}); delete it or pass --restart.") from None
     saved, now = dict(state["config"]), run.cfg.to_dict()
-    for ignored in ("restart", "threads", "checkpoint_every", "eval_every"):
+    for ignored in ("restart", "threads", "checkpoint_every", "eval_every", "device"):
         saved.pop(ignored, None), now.pop(ignored, None)
     if saved != now:
         changed = sorted(k for k in now if saved.get(k) != now[k])
@@ -349,7 +369,7 @@ def train_loop(run: Run) -> None:
 def finish(run: Run, tokenizer) -> None:
     """Write the Hugging Face checkpoint, the log and the loss plot; print a summary."""
     cfg, out = run.cfg, Path(run.cfg.out)
-    save_checkpoint(run.model, out, run.bos_id, run.eos_ids)
+    save_checkpoint(run.model.cpu(), out, run.bos_id, run.eos_ids)
     if cfg.init_from is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (Path(cfg.init_from) / name).exists():
@@ -409,6 +429,7 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--untied", action="store_true", help="separate LM head and embedding")
     g = p.add_argument_group("data and optimizer")
     g.add_argument("--corpus", type=Path, help="folder of .py files (default: this Python's standard library)")
+    g.add_argument("--tokenizer", type=Path, help="reuse this tokenizer.json (e.g. the shipped model's) instead of training one")
     g.add_argument("--seq-len", type=int, default=d.seq_len)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lr", type=float, default=d.lr)
@@ -418,6 +439,7 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--no-bf16", action="store_true", help="train in float32")
     g.add_argument("--threads", type=int, default=0)
+    g.add_argument("--device", default=d.device, help="cpu or cuda")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     g.add_argument("--eval-every", type=int, default=d.eval_every)
     g.add_argument("--restart", action="store_true", help="ignore OUT/train_state.pt and start over")
@@ -427,17 +449,23 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--curriculum", default=r.curriculum, help="early-exit layers: none (all), rotational, gradual")
     g.add_argument("--rotation-interval", type=int, default=r.rotation_interval)
     g.add_argument("--early-exit-scale", type=float, default=r.early_exit_scale)
+    g.add_argument("--focus-exit", type=int, default=r.focus_exit,
+                   help="the exit layer E you will deploy: its loss in every step (0: none)")
+    g.add_argument("--focus-weight", type=float, default=r.focus_weight,
+                   help="the focus exit's loss weight relative to the last layer's")
     g.add_argument("--no-layerskip", action="store_true", help="ablation: no layer dropout, no early-exit loss")
     a = p.parse_args(argv)
     recipe = LayerSkipRecipe.off() if a.no_layerskip else LayerSkipRecipe(
         dropout_max=a.layer_dropout, dropout_scale=a.dropout_scale, curriculum=a.curriculum,
-        rotation_interval=a.rotation_interval, early_exit_scale=a.early_exit_scale)
+        rotation_interval=a.rotation_interval, early_exit_scale=a.early_exit_scale,
+        focus_exit=a.focus_exit, focus_weight=a.focus_weight)
     return TrainConfig(
         out=a.out, steps=a.steps, init_from=a.init_from, vocab_size=a.vocab_size, hidden_size=a.dim,
         num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-        intermediate_size=a.ffn_dim, tie_word_embeddings=not a.untied, corpus=a.corpus, seq_len=a.seq_len,
+        intermediate_size=a.ffn_dim, tie_word_embeddings=not a.untied, corpus=a.corpus, tokenizer=a.tokenizer,
+        seq_len=a.seq_len,
         batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, seed=a.seed, bf16=not a.no_bf16, threads=a.threads,
+        grad_clip=a.grad_clip, seed=a.seed, bf16=not a.no_bf16, threads=a.threads, device=a.device,
         checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, restart=a.restart, recipe=recipe)
 
 

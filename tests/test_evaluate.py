@@ -30,3 +30,30 @@ def test_greedy_continuation_is_plain_greedy_decoding():
     with torch.no_grad():
         for t in range(len(prompt), len(tokens)):
             assert int(model(torch.tensor([tokens[:t]]), torch.tensor([0]))[0, -1].argmax()) == tokens[t]
+
+
+def test_copy_sources_mark_what_an_induction_head_would_predict():
+    from models.induction import copy_sources
+
+    source, copyable = copy_sources([5, 6, 7, 5, 6, 9])
+    assert source.tolist() == [-1, -1, -1, 1, 2]  # after the earlier 5 came position 1; after the 6, position 2
+    assert copyable.tolist() == [False, False, False, True, False]  # 5 -> 6 repeats; 6 -> 7 does not (9 now)
+
+
+def test_copyable_and_other_losses_recombine_to_each_exits_loss():
+    import numpy as np
+
+    from models.evaluate import exit_quality
+    from models.induction import induction_report
+
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    ids = np.tile(rng.integers(2, model.config.vocab_size, size=40), 12)  # repeats: many copyable tokens
+    report = induction_report(model, ids, windows=3, seq_len=64)
+    quality = exit_quality(model, ids, 64, 3)
+    share = report["copyable_share"]
+    assert 0.3 < share < 1
+    for row in report["rows"]:
+        mixed = share * row["loss_copyable"] + (1 - share) * row["loss_other"]
+        assert mixed == pytest.approx(quality[row["layer"]]["loss"], rel=1e-4)
+        assert 0 <= row["induction_score"] <= 1 and 0 <= row["previous_token_score"] <= 1

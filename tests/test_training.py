@@ -60,8 +60,23 @@ def test_skipped_samples_pass_through_unchanged():
     assert torch.allclose(out[[0, 2]], full[[0, 2]], atol=1e-6)
 
 
+def test_focus_exit_carries_a_loss_every_step_at_its_own_weight():
+    recipe = LayerSkipRecipe(curriculum="rotational", rotation_interval=2, focus_exit=4, focus_weight=1.0)
+    for step in range(4):  # layer index 3 (E = 4) is in every step; the rotation is otherwise unchanged
+        layers = recipe.exit_layers(step, 100, 16)
+        assert 3 in layers and layers[-1] == 15 and layers == sorted(set(layers))
+    assert recipe.exit_layers(1, 100, 16) == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert recipe.exit_layers(0, 100, 16) == [0, 2, 3, 4, 6, 8, 10, 12, 14, 15]
+    weights = dict(zip([1, 3, 15], recipe.loss_weights([1, 3, 15], 16)))
+    assert weights[3] == pytest.approx(weights[15])  # focus weight 1 = the last layer's
+    assert weights[1] / weights[15] == pytest.approx(2 / 16)  # others stay linear in depth
+    half = LayerSkipRecipe(focus_exit=4, focus_weight=0.5).loss_weights([3, 15], 16)
+    assert half[0] / half[1] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("bad", [dict(dropout_max=1.0), dict(dropout_max=-0.1), dict(curriculum="sideways"),
-                                 dict(dropout_scale="cubic"), dict(rotation_interval=0)])
+                                 dict(dropout_scale="cubic"), dict(rotation_interval=0), dict(focus_exit=-1),
+                                 dict(focus_weight=-1.0)])
 def test_recipe_settings_out_of_range(bad):
     with pytest.raises(UserError):
         LayerSkipRecipe(**bad)
@@ -186,6 +201,30 @@ def test_init_from_a_non_llama_checkpoint(tmp_path, corpus):
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="not 'llama'"):
         train(parse_args(["--out", str(tmp_path / "o"), "--init-from", str(tmp_path / "gpt2"), "--corpus", str(corpus)]))
+
+
+def test_focus_exit_must_be_below_the_last_layer(tmp_path, corpus):
+    with pytest.raises(UserError, match="--focus-exit 3 must be below --layers 3"):
+        parse_args(tiny_args(tmp_path / "o", corpus, "--focus-exit", "3"))
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, corpus):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="no CUDA GPU is available"):
+        parse_args(tiny_args(tmp_path / "o", corpus, "--device", "cuda"))
+
+
+def test_reused_tokenizer_is_kept_and_a_missing_one_named(tmp_path, corpus):
+    first = tmp_path / "first"
+    train(parse_args(tiny_args(first, corpus, "--steps", "2")))
+    second = tmp_path / "second"
+    train(parse_args(tiny_args(second, corpus, "--steps", "2", "--tokenizer", str(first / "tokenizer.json"),
+                               "--focus-exit", "1")))
+    assert (second / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    assert all("0" in e["train_loss"] for e in json.loads((second / "train_log.json").read_text())["log"])
+    with pytest.raises(UserError, match="--tokenizer .* does not exist"):
+        train(parse_args(tiny_args(tmp_path / "third", corpus, "--steps", "2", "--tokenizer", str(tmp_path / "none.json"))))
 
 
 def test_cli_reports_bad_settings_in_one_line(tmp_path, corpus):
