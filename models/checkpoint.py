@@ -45,12 +45,22 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def read_checkpoint(path: Path | str) -> Checkpoint:
-    """Validate a checkpoint directory and read its config, token ids and recommended settings."""
+def checkpoint_dir(path: Path | str) -> Path:
+    """The checkpoint directory `path` names: itself, or for a llama.cpp .gguf file its imported copy."""
     path = Path(path)
+    if path.suffix == ".gguf" and not path.is_dir():
+        from models.import_gguf import cached_import
+
+        return cached_import(path)
+    return path
+
+
+def read_checkpoint(path: Path | str) -> Checkpoint:
+    """Validate a checkpoint directory (or .gguf file) and read its config, token ids and recommended settings."""
+    path = checkpoint_dir(path)
     if not path.is_dir():
         raise UserError(f"Checkpoint directory '{path}' does not exist; pass --model with a local "
-                        f"Hugging Face Llama checkpoint directory.")
+                        f"Hugging Face Llama checkpoint directory or a llama.cpp .gguf file.")
     hf = read_json(path / "config.json", "Checkpoint config")
     config = ModelConfig.from_hf(hf, source=str(path / "config.json"))
     gen_path = path / "generation_config.json"
@@ -169,7 +179,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def checkpoint_hash(path: Path | str) -> str:
     """A short hash of a checkpoint's config and weight files, recorded in exported artifacts."""
-    path = Path(path)
+    path = checkpoint_dir(path)
     h = hashlib.sha256()
     for file in [path / "config.json", *_weight_files(path)]:
         h.update(file.name.encode())
