@@ -30,7 +30,8 @@ class LayerSkipRecipe:
     rotation_interval: int = 2  # rotational: every R-th layer, shifted by one each step
     early_exit_scale: float = 1.0  # e_scale: weight of non-final layers before normalising
     # The exit you will deploy (E = layers run; 0: none): its loss is in every step, weighted
-    # focus_weight x the last layer's before normalising. Moves the copying circuit to layers <= E.
+    # focus_weight x the last layer's before normalising. Pulls exit quality (and, in some runs, the
+    # copying circuit) to layers <= E; where the circuit lands also depends on the seed (model cards).
     focus_exit: int = 0
     focus_weight: float = 1.0
 
