@@ -23,7 +23,7 @@ from pathlib import Path
 from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD
 from export.pipeline import BACKENDS, DEFAULT_GROUP_SIZE, ExportConfig, run_export
 from models.checkpoint import DEFAULT_MODEL_DIR
-from runtime.errors import UserError
+from runtime.errors import run_command
 
 
 def parse_args(argv=None) -> ExportConfig:
@@ -66,12 +66,7 @@ def parse_args(argv=None) -> ExportConfig:
 
 
 def main(argv=None) -> int:
-    try:
-        run_export(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run_export(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -110,13 +110,19 @@ def acceptance_table(model, prompts: list[list[int]], exit_layers, max_new_token
     return {key: {"acceptance_rate": t[1] / t[0], "mean_tokens_per_step": t[3] / t[2]} for key, t in totals.items()}
 
 
-def evaluate(model_dir: Path, limit: int, max_new_tokens: int, windows: int, exit_layers=None,
-             corpus: Path | None = None) -> dict:
+def load_with_heldout(model_dir: Path, corpus: Path | None = None):
+    """(model, checkpoint, tokenizer, held-out token ids of the corpus split the model never trained on)."""
     model, ckpt = load_model(model_dir)
     tokenizer = TextTokenizer(ckpt.tokenizer_path, ckpt.bos_token_id)
     root, files = corpus_files(corpus)
     _, heldout = split_files(root, files)
     heldout_ids = encode_files(tokenizer.tokenizer, heldout, ckpt.bos_token_id or 0, ckpt.eos_token_ids[0])
+    return model, ckpt, tokenizer, heldout_ids
+
+
+def evaluate(model_dir: Path, limit: int, max_new_tokens: int, windows: int, exit_layers=None,
+             corpus: Path | None = None) -> dict:
+    model, ckpt, tokenizer, heldout_ids = load_with_heldout(model_dir, corpus)
     seq_len = min(512, ckpt.config.max_position_embeddings)
     quality = exit_quality(model, heldout_ids, seq_len, windows)
     prompts = [tokenizer.encode(p["prompt"]) for p in humaneval_prompts()[:limit]]

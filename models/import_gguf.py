@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from runtime.errors import UserError
+from runtime.errors import UserError, run_command
 
 # Tensor types the gguf package dequantizes (gguf.quants); llama.cpp's others (IQ*, TQ*) are refused.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -117,12 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("gguf", type=Path, help="a llama-architecture .gguf file")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     a = p.parse_args(argv)
-    try:
-        import_gguf(a.gguf, a.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: import_gguf(a.gguf, a.out))
 
 
 if __name__ == "__main__":

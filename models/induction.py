@@ -21,11 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import DEFAULT_MODEL_DIR, load_model, write_json
-from models.data import corpus_files, encode_files, split_files
+from models.checkpoint import DEFAULT_MODEL_DIR, write_json
+from models.evaluate import load_with_heldout
 from models.model import apply_rope
 from runtime.errors import UserError
-from runtime.tokenizer import TextTokenizer
 
 
 def copy_sources(tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -105,11 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="also write the report as JSON here")
     a = p.parse_args(argv)
     try:
-        model, ckpt = load_model(a.model)
-        tokenizer = TextTokenizer(ckpt.tokenizer_path, ckpt.bos_token_id)
-        root, files = corpus_files(a.corpus)
-        _, heldout = split_files(root, files)
-        ids = encode_files(tokenizer.tokenizer, heldout, ckpt.bos_token_id or 0, ckpt.eos_token_ids[0])
+        model, ckpt, _, ids = load_with_heldout(a.model, a.corpus)
         report = induction_report(model.eval(), ids, a.windows, min(512, ckpt.config.max_position_embeddings))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

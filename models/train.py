@@ -33,7 +33,7 @@ from tqdm import tqdm
 from models.checkpoint import atomic_write, load_model, save_checkpoint, write_json
 from models.config import ModelConfig
 from models.data import corpus_files, corpus_hash, encode_files, read_text, split_files
-from runtime.errors import UserError
+from runtime.errors import UserError, run_command
 from models.layerskip import LayerSkipLoss, LayerSkipRecipe
 from models.model import Transformer
 from models.tokenizer import BOS, EOS, train_bpe_tokenizer
@@ -234,8 +234,7 @@ def step_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     draws = torch.from_numpy(rng.random((len(rates), cfg.batch_size))).float()
     keep = draws >= rates[:, None]  # [L, B]
     share = slice(run.rank, None, run.world)
-    device = cfg.device
-    return tokens[share].to(device), targets[share].to(device), keep[:, share].to(device)
+    return tokens[share].to(cfg.device), targets[share].to(cfg.device), keep[:, share].to(cfg.device)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -471,14 +470,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> int:
     try:
-        train(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_command(lambda: train(parse_args(argv)))
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":
