@@ -13,10 +13,14 @@ msft = onnxscript.values.Opset("com.microsoft", 1)
 
 
 @onnxscript.script(msft)
-def group_query_attention(q: FLOAT, k: FLOAT, v: FLOAT, past_k: FLOAT, past_v: FLOAT, seqlens_k: INT32,
-                          total_len: INT32, num_heads: int, kv_num_heads: int) -> tuple[FLOAT, FLOAT, FLOAT]:
+def group_query_attention(qkv: FLOAT, past_k: FLOAT, past_v: FLOAT, seqlens_k: INT32, total_len: INT32,
+                          cos_cache: FLOAT, sin_cache: FLOAT, num_heads: int,
+                          kv_num_heads: int) -> tuple[FLOAT, FLOAT, FLOAT]:
+    # key and value omitted: `qkv` is packed [1, T, (H + 2 H_kv) D]; do_rotary rotates q and k at
+    # positions seqlens_k + 1 - T .. seqlens_k from the caches (HF's half-split layout: not interleaved)
     out, present_k, present_v = msft.GroupQueryAttention(
-        q, k, v, past_k, past_v, seqlens_k, total_len, num_heads=num_heads, kv_num_heads=kv_num_heads)
+        qkv, None, None, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)
     return out, present_k, present_v
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
@@ -20,7 +21,7 @@ from torch import nn
 from torch.export import Dim
 
 from export.methods import example_inputs, has_dynamic_tokens, method_module, output_names
-from export.onnx_attention import CACHE_KINDS
+from export.onnx_attention import CACHE_KINDS, fused_attention
 from runtime.artifact import cache_input_names, cache_output_names, method_layers
 from runtime.errors import UserError
 from models.model import Transformer
@@ -59,7 +60,8 @@ def trace_method(model: Transformer, name: str, exit_layer: int, max_seq_len: in
     tokens = Dim("tokens", min=1, max=max_tokens)
     input_names = ["hidden" if name == "verify" else "tokens", "input_pos", *cache_input_names(layers)]
     token_dims = {1: tokens} if has_dynamic_tokens(name) else None
-    with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+    with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp, \
+            (fused_attention(model, max_seq_len) if kind == "gqa" else nullcontext()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, (x, pos, past), dynamic_shapes={"x": token_dims, "input_pos": None, "past": [None] * len(past)},
@@ -69,10 +71,32 @@ def trace_method(model: Transformer, name: str, exit_layer: int, max_seq_len: in
         # Round-trip through disk so that models over protobuf's 2 GB limit work too.
         program.save(str(Path(tmp) / "m.onnx"), external_data=True)
         proto = onnx.load(str(Path(tmp) / "m.onnx"), load_external_data=True)
+    if kind == "gqa":
+        proto = fuse_norms(proto)
     proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=str(v)) for k, v in {
         "layerskip.method": name, "layerskip.exit_layer": exit_layer, "layerskip.max_seq_len": max_seq_len,
         "layerskip.kv_cache": kind}.items())
     return proto
+
+
+def fuse_norms(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) -> SimplifiedLayerNormalization, and
+    the residual Add before it -> SkipSimplifiedLayerNormalization, by ONNX Runtime's own fusions
+    (its session optimizer does not match this form). The shipped model: 449 -> 331 nodes per
+    forward graph before the attention fusion."""
+    import logging
+
+    from onnxruntime.transformers.fusion_simplified_layernorm import (
+        FusionSimplifiedLayerNormalization, FusionSkipSimplifiedLayerNormalization)
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    model = OnnxModel(proto)
+    FusionSimplifiedLayerNormalization(model).apply()
+    FusionSkipSimplifiedLayerNormalization(model).apply()
+    model.prune_graph()
+    model.topological_sort()
+    return model.model
 
 
 def trace(model: Transformer, methods: list[str], exit_layer: int, max_seq_len: int, max_tokens: int,
@@ -110,9 +134,16 @@ def save_shared(protos: dict[str, onnx.ModelProto], directory: Path) -> dict[str
 
 
 def check(directory: Path, files: dict[str, str]) -> None:
+    """Each graph loads in ONNX Runtime, the runtime it is for (onnx.checker does not know the
+    ONNX-domain ops ONNX Runtime adds, such as SimplifiedLayerNormalization)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
     for role, file in files.items():
         if role != "weights":
-            onnx.checker.check_model(str(directory / file))
+            ort.InferenceSession(str(directory / file), so, providers=["CPUExecutionProvider"])
 
 
 def export_onnx(cfg, r, model: Transformer, directory: Path, stages):

@@ -2,7 +2,8 @@
 
     python -m runtime.bench --artifact artifacts/pte artifacts/onnx        # artifacts you exported
     python -m runtime.bench --export                                       # export {pte, onnx} x {fp32, int8, int4} first
-    python -m runtime.bench --export --peers                               # + transformers and a two-model baseline
+    python -m runtime.bench --artifact artifacts/onnx --peers              # + ONNX Runtime GenAI's plain decoding
+    python -m runtime.bench --export --baselines                           # + transformers and a two-model baseline
     python -m runtime.bench --sweep --exit-layers 1 2 3 4 --draft-lengths 2 3 4 6 [--write-recommended]
 
 For each artifact: decode tokens/s (prompt excluded), time to first token, acceptance rate, tokens
@@ -47,6 +48,7 @@ class BenchConfig:
     threads: int = 0
     rss: bool = True
     peers: bool = False
+    baselines: bool = False
     peer_limit: int = 20
     sweep: bool = False
     exit_layers: tuple[int, ...] = ()
@@ -97,18 +99,24 @@ def artifact_size_mb(opened: Opened) -> Optional[float]:
 
 def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: BenchConfig) -> dict:
     prompts, skipped = encode_prompts(opened, texts, cfg.max_new_tokens)
+    if not prompts:
+        raise UserError(f"none of the {skipped} prompts fits {label}'s cache of {opened.backend.max_seq_len} positions "
+                        f"with {cfg.max_new_tokens} new tokens; pass shorter --prompts or fewer --max-new-tokens.")
     d = opened.num_speculations
     eos = tuple(opened.eos_token_ids)
     print(f"[bench] {label}: {len(prompts)} prompts x {cfg.max_new_tokens} tokens x {cfg.repeats} repeats, d={d}",
           file=sys.stderr, flush=True)
     windows = measure.heldout_windows(opened.tokenizer.tokenizer, opened.tokenizer.bos_token_id or 0, eos[0])
+    peers, built = format_peers(opened, spec, cfg) if cfg.peers else ({}, {})
     record = {"label": label, **opened.facts, "num_speculations": d, "prompts": len(prompts),
               "prompts_skipped_too_long": skipped, "size_mb": artifact_size_mb(opened),
               "heldout": measure.heldout_quality(opened.backend, windows),
               "calls_ms": measure.per_call_latency(opened.backend, d),
               "draft_threshold": opened.draft_threshold,
               "modes": measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats,
-                                         tau=opened.draft_threshold)}
+                                         tau=opened.draft_threshold, peers=peers)}
+    for name, facts in built.items():
+        record["modes"]["peers"][name].update(facts)
     record["rss_probe"] = {**spec, "prompts": prompts[:3], "d": d, "max_new_tokens": cfg.max_new_tokens,
                            "threads": cfg.threads, "draft_threshold": opened.draft_threshold}
     if cfg.rss:
@@ -122,6 +130,28 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
           f"{max(m[k]['decode_tokens_per_s'] for k in ('ar', 'ar_full') if k in m):.1f} -> {m.get('speedup', 0):.2f}x, "
           f"acceptance {m['spec']['acceptance_rate']:.2f}", file=sys.stderr, flush=True)
     return record
+
+
+def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, dict]:
+    """The fastest plain decoders of the artifact's format, built from its checkpoint at its bits and
+    block size: ({name: decoder}, {name: build facts}). ONNX: ONNX Runtime GenAI."""
+    if spec["kind"] != "artifact":
+        return {}, {}
+    from runtime.artifact import read_manifest
+    from runtime.peers import OrtGenAIDecoder, build_ort_genai
+
+    m = read_manifest(spec["path"])
+    if m.format != "onnx":
+        return {}, {}
+    checkpoint = Path(m.source.get("path", ""))
+    if not (checkpoint / "config.json").exists():
+        checkpoint = cfg.model
+    directory = cfg.out / "artifacts" / "peers" / f"ort_genai_{m.quant}_b{m.group_size}"
+    print(f"[bench] building {checkpoint} with ORT GenAI's builder ({m.quant}, block {m.group_size})",
+          file=sys.stderr, flush=True)
+    seconds = build_ort_genai(checkpoint, directory, m.quant, m.group_size, cfg.threads)
+    return ({"ort_genai": OrtGenAIDecoder(directory)},
+            {"ort_genai": {"build_s": seconds, "directory": str(directory), "block_size": m.group_size}})
 
 
 def probe_rss(spec: dict, modes: list[str], torch_free: bool = False) -> dict:
@@ -147,7 +177,8 @@ def remeasure_rss(out: Path) -> dict:
     if not path.exists():
         raise UserError(f"--rss-only needs an earlier run's {path}; run the benchmark first.")
     results = json.loads(path.read_text())
-    for record in results["runs"] + [p for p in results.get("peers", {}).values() if "rss_probe" in p]:
+    others = {**results.get("peers", {}), **results.get("baselines", {})}  # "peers": runs before 2026-11-26
+    for record in results["runs"] + [p for p in others.values() if "rss_probe" in p]:
         modes = [m for m in record["modes"] if m in measure.MODES]
         print(f"[bench] peak RSS of {record.get('label', 'two-model')}", file=sys.stderr, flush=True)
         record.update(probe_rss(record["rss_probe"], modes, is_onnx(record)))
@@ -237,8 +268,8 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         label = artifact_label(opened.facts)
         results["runs"].append(bench_one(label, opened, spec, texts, cfg))
         del opened
-    if cfg.peers:
-        results["peers"] = run_peers(cfg, texts)
+    if cfg.baselines:
+        results["baselines"] = run_baselines(cfg, texts)
     if cfg.sweep:
         results["sweep"] = run_sweep(cfg, texts)
     return results
@@ -249,10 +280,10 @@ def settings(cfg: BenchConfig) -> dict:
             for k, v in cfg.__dict__.items()}
 
 
-# ---------------------------------------------------------------- peers
+# ---------------------------------------------------------------- baselines
 
 
-def run_peers(cfg: BenchConfig, texts: list[str]) -> dict:
+def run_baselines(cfg: BenchConfig, texts: list[str]) -> dict:
     """transformers (plain greedy, assistant_early_exit) and a two-model speculation baseline."""
     from export.pipeline import ExportConfig, resolve
     from runtime.two_model import TwoModelBackend, export_two_models, file_sizes
@@ -261,7 +292,7 @@ def run_peers(cfg: BenchConfig, texts: list[str]) -> dict:
     ours = open_checkpoint(cfg.model)
     prompts, _ = encode_prompts(ours, texts[:cfg.peer_limit], cfg.max_new_tokens)
     eos = tuple(ours.eos_token_ids)
-    print(f"[bench] peers on {len(prompts)} prompts", file=sys.stderr, flush=True)
+    print(f"[bench] baselines on {len(prompts)} prompts", file=sys.stderr, flush=True)
     our_ar = measure.greedy_tokens(ours.backend, prompts, measure.mode_config("ar", 1, cfg.max_new_tokens, eos))
     del ours
     peers = {}
@@ -376,9 +407,23 @@ def markdown(results: dict) -> str:
                      f"{rss.get('ar_full') or 0:.0f}", f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}",
                      f"{app['spec']:.0f}" if app.get("spec") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
-    if "peers" in results:
-        lines += ["", "| peer | tok/s | notes |", "|---|---|---|"]
-        for name, p in results["peers"].items():
+    with_peers = [r for r in results["runs"] if r["modes"].get("peers")]
+    if with_peers:
+        lines += ["", "Against the fastest plain decoder of the same format, same checkpoint, bits and block size "
+                      "(paired repeats in the same process):", "",
+                  "| artifact | plain decoder | its build s | its tok/s | our AR tok/s (full call) | greedy identical "
+                  "to our AR | our self-spec tok/s | fastest plain | speedup vs fastest plain |",
+                  "|" + "---|" * 9]
+        for r in with_peers:
+            m = r["modes"]
+            for name, p in m["peers"].items():
+                lines.append(f"| {r['label']} | {name} | {p.get('build_s', 0):.1f} | {p['decode_tokens_per_s']:.1f} | "
+                             f"{m.get('ar_full', m['ar'])['decode_tokens_per_s']:.1f} | "
+                             f"{p['greedy_identical_to_ar']:.0%} | {m['spec']['decode_tokens_per_s']:.1f} | "
+                             f"{m['fastest_plain']} | **{m['speedup_vs_fastest_plain']:.2f}x** |")
+    if "baselines" in results:
+        lines += ["", "| baseline | tok/s | notes |", "|---|---|---|"]
+        for name, p in results["baselines"].items():
             if "identical_to_ours" in p:
                 lines.append(f"| {name} | {p['decode_tokens_per_s']:.1f} | greedy output identical to ours on "
                              f"{p['identical_to_ours']:.0%} of {p['prompts']} prompts |")
@@ -414,10 +459,14 @@ def plots(results: dict, out: Path) -> None:
         runs = results["runs"]
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(runs)), 4))
         x = np.arange(len(runs))
-        for i, (mode, name) in enumerate((("ar", "AR draft+verify"), ("ar_full", "AR full call"),
-                                          ("spec", "self-speculative"))):
-            vals = [r["modes"].get(mode, {}).get("decode_tokens_per_s", 0) for r in runs]
-            ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=name)
+        bars = [("ar", "AR draft+verify"), ("ar_full", "AR full call"), ("spec", "self-speculative")]
+        peer_names = sorted({n for r in runs for n in r["modes"].get("peers", {})})
+        bars += [(n, f"{n} (plain)") for n in peer_names]
+        width = 0.8 / len(bars)
+        for i, (mode, name) in enumerate(bars):
+            vals = [(r["modes"].get(mode) or r["modes"].get("peers", {}).get(mode) or {}).get("decode_tokens_per_s", 0)
+                    for r in runs]
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, vals, width, label=name)
         ax.set_xticks(x, [r["label"] for r in runs], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("decode tokens/s")
         ax.set_title("Decode speed per backend and scheme")
@@ -460,7 +509,9 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", type=Path, nargs="*", default=[], help="exported artifact directories")
     p.add_argument("--export", action="store_true", help="export the {pte, onnx} x {fp32, int8, int4} grid first")
-    p.add_argument("--model", type=Path, default=d.model, help="checkpoint for --export, --eager, --peers, --sweep")
+    p.add_argument("--model", type=Path, default=d.model,
+                   help="checkpoint for --export, --eager, --baselines, --sweep (and --peers when an artifact's "
+                        "recorded checkpoint has moved)")
     p.add_argument("--eager", action="store_true", help="also benchmark the eager PyTorch backend")
     p.add_argument("--prompts", default=d.prompts, help="humaneval, corpus or file:PATH (JSONL of {\"prompt\"})")
     p.add_argument("--limit", type=int, default=d.limit, help="use the first N prompts")
@@ -468,7 +519,11 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes (one process per mode)")
-    p.add_argument("--peers", action="store_true", help="transformers generate / assistant_early_exit, two-model")
+    p.add_argument("--peers", action="store_true",
+                   help="beside each .onnx artifact, ONNX Runtime GenAI's plain decoding of the same checkpoint, "
+                        "bits and block size (pip install -e '.[peers]')")
+    p.add_argument("--baselines", action="store_true",
+                   help="transformers generate / assistant_early_exit and a two-model speculation baseline")
     p.add_argument("--peer-limit", type=int, default=d.peer_limit)
     p.add_argument("--sweep", action="store_true", help="speedup over exit layer E and draft length d")
     p.add_argument("--exit-layers", type=int, nargs="*", default=[])
@@ -485,7 +540,7 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
         return BenchConfig(out=a.out, rss_only=True)
     return BenchConfig(artifacts=a.artifact, export=a.export, model=a.model, eager=a.eager, prompts=a.prompts,
                        limit=a.limit, max_new_tokens=a.max_new_tokens, repeats=a.repeats, threads=a.threads,
-                       rss=not a.no_rss, peers=a.peers, peer_limit=a.peer_limit, sweep=a.sweep,
+                       rss=not a.no_rss, peers=a.peers, baselines=a.baselines, peer_limit=a.peer_limit, sweep=a.sweep,
                        exit_layers=tuple(a.exit_layers), draft_lengths=tuple(a.draft_lengths),
                        draft_thresholds=tuple(a.draft_thresholds), sweep_target=a.sweep_target,
                        sweep_quant=a.sweep_quant, write_recommended=a.write_recommended, out=a.out)

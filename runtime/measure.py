@@ -60,18 +60,38 @@ def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:
                 1000 * verify_s / verify_calls if verify_calls else 0.0, tokens)
 
 
+def peer_pass(decoder, prompts: list[list[int]], max_new_tokens: int) -> Pass:
+    """One pass of a peer's plain decoding (runtime/peers.py), timed as run_pass times ours."""
+    decode_tokens = decode_s = 0.0
+    ttfts, tokens = [], []
+    for ids in prompts:
+        new, ttft, decode = decoder.generate(ids, max_new_tokens)
+        decode_tokens += len(new) - 1
+        decode_s += decode
+        ttfts.append(ttft * 1000)
+        tokens.append(new)
+    return Pass(decode_tokens / decode_s if decode_s else 0.0, statistics.median(ttfts), int(decode_tokens),
+                0.0, 1.0, 0.0, {}, 0.0, 0.0, tokens)
+
+
 def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eos: tuple[int, ...],
-              repeats: int, modes=MODES, tau: float = 0.0) -> dict:
+              repeats: int, modes=MODES, tau: float = 0.0, peers: Optional[dict] = None) -> dict:
     """Each mode `repeats` times, interleaved, after one warm-up prompt each; medians and every repeat.
-    `tau`: the draft threshold of self-speculation."""
+    `tau`: the draft threshold of self-speculation. `peers`: {name: decoder} whose plain decoding runs
+    interleaved with ours (runtime/peers.py); their greedy output is compared with our AR's."""
+    peers = peers or {}
     modes = [m for m in modes if m != "ar_full" or callable(getattr(backend, "forward", None))]
     cfgs = {m: mode_config(m, d, max_new_tokens, eos, tau) for m in modes}
     for m in modes:
         generate(backend, prompts[0], cfgs[m])  # warm-up: first-call allocation, weight packing
-    runs = {m: [] for m in modes}
+    for decoder in peers.values():
+        decoder.generate(prompts[0], max_new_tokens)
+    runs = {m: [] for m in [*modes, *peers]}
     for _ in range(repeats):
         for m in modes:
             runs[m].append(run_pass(backend, prompts, cfgs[m]))
+        for name, decoder in peers.items():
+            runs[name].append(peer_pass(decoder, prompts, max_new_tokens))
     out = {}
     for m, passes in runs.items():
         best = sorted(passes, key=lambda p: p.decode_tokens_per_s)[len(passes) // 2]  # the median pass
@@ -90,6 +110,15 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
         out["speedup"] = out["spec"]["decode_tokens_per_s"] / max(baselines)
         out["speedup_vs"] = "ar_full" if out.get("ar_full", {}).get("decode_tokens_per_s", 0) >= out.get(
             "ar", {}).get("decode_tokens_per_s", 0) else "ar"
+    if peers and "ar" in runs:
+        ours = runs["ar"][-1].tokens
+        out["peers"] = {name: {**out.pop(name), "greedy_identical_to_ar": sum(
+            a == b for a, b in zip(runs[name][-1].tokens, ours)) / len(ours)} for name in peers}
+        plain = {m: out[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in out}
+        plain.update({name: p["decode_tokens_per_s"] for name, p in out["peers"].items()})
+        out["fastest_plain"] = max(plain, key=plain.get)
+        if "spec" in out:
+            out["speedup_vs_fastest_plain"] = out["spec"]["decode_tokens_per_s"] / plain[out["fastest_plain"]]
     return out
 
 
@@ -166,6 +195,7 @@ def heldout_quality(backend, windows: list[list[int]]) -> dict:
     nll = correct = count = 0.0
     for ids in windows:
         backend.reset()
+        ids = ids[:backend.max_seq_len]  # a window longer than the cache is cut to it
         inputs, targets = ids[:-1], np.asarray(ids[1:])
         logits = []
         for start in range(0, len(inputs), backend.max_tokens_per_call):

@@ -80,6 +80,7 @@ class OnnxMethod:
         check_fact(manifest, f"{name}.onnx exit_layer", int(meta["layerskip.exit_layer"]), manifest.exit_layer)
         check_fact(manifest, f"{name}.onnx max_seq_len", int(meta["layerskip.max_seq_len"]), manifest.max_seq_len)
         self.binding = self.session.io_binding()
+        self.bound: dict[str, tuple] = {}  # name -> (pointer, shape) last bound: unchanged ones are not re-bound
         self.layers = method_layers(name, manifest.exit_layer, manifest.shape.num_layers)
         self.present_names = cache_output_names(self.layers)
         self.shared_cache = meta.get("layerskip.kv_cache", "gqa") == "gqa"
@@ -92,12 +93,13 @@ class OnnxMethod:
             else:
                 self.binding.bind_output(present, "cpu")
 
-    def bind_input(self, name: str, array: np.ndarray) -> None:
-        self.binding.bind_cpu_input(name, array)
-
-    def bind_pointer(self, name: str, is_output: bool, device: str, shape, pointer: int) -> None:
+    def bind_pointer(self, name: str, is_output: bool, device: str, shape, pointer: int,
+                     dtype=np.float32) -> None:
+        if self.bound.get(name) == (pointer, tuple(shape)):
+            return
         bind = self.binding.bind_output if is_output else self.binding.bind_input
-        bind(name, device, 0, np.float32, list(shape), pointer)
+        bind(name, device, 0, dtype, list(shape), pointer)
+        self.bound[name] = (pointer, tuple(shape))
 
     def run(self) -> None:
         if not self.shared_cache:  # new rows have a new shape each call: let ONNX Runtime allocate them
@@ -139,6 +141,9 @@ class OnnxBackend:
         self.caches = [(self._buffer(ort, shape), self._buffer(ort, shape)) for _ in range(self.num_layers)]
         self.exit_cache = self._buffer(ort, [self.max_seq_len, self.dim])
         self.logits = np.zeros((self.max_tokens_per_call, c.vocab_size), np.float32)
+        # token ids and position live in two host arrays bound by pointer: a call writes them in place
+        self.tokens = np.zeros((1, self.max_tokens_per_call), np.int64)
+        self.position = np.zeros(1, np.int64)
         # Sessions are created when first used (each holds its own weights), `preload` up front.
         self._sessions: dict[str, OnnxMethod] = {}
         for name in preload if preload is not None else ("draft", "verify"):
@@ -162,11 +167,20 @@ class OnnxBackend:
     def _bind_logits(self, method: OnnxMethod, shape) -> None:
         method.bind_pointer("logits", True, "cpu", shape, self.logits.ctypes.data)
 
+    def _bind_tokens(self, method: OnnxMethod, tokens) -> None:
+        t = len(tokens)
+        self.tokens[0, :t] = tokens
+        method.bind_pointer("tokens", False, "cpu", (1, t), self.tokens.ctypes.data, np.int64)
+
+    def _bind_position(self, method: OnnxMethod, pos: int) -> None:
+        self.position[0] = pos
+        method.bind_pointer("input_pos", False, "cpu", (1,), self.position.ctypes.data, np.int64)
+
     def draft(self, tokens, pos):
         t = len(tokens)
         m = self._get("draft")
-        m.bind_input("tokens", np.asarray([tokens], np.int64))
-        m.bind_input("input_pos", np.asarray([pos], np.int64))
+        self._bind_tokens(m, tokens)
+        self._bind_position(m, pos)
         m.bind_pointer("hidden", True, self.device, (1, t, self.dim), self._exit_rows(pos))
         self._bind_logits(m, (1, self.logits.shape[1]))
         m.run()
@@ -176,7 +190,7 @@ class OnnxBackend:
     def verify(self, pos, count):
         m = self._get("verify")
         m.bind_pointer("hidden", False, self.device, (1, count, self.dim), self._exit_rows(pos))
-        m.bind_input("input_pos", np.asarray([pos], np.int64))
+        self._bind_position(m, pos)
         self._bind_logits(m, (1, count, self.logits.shape[1]))
         m.run()
         m.write_new_rows(self.caches, pos)
@@ -184,8 +198,8 @@ class OnnxBackend:
 
     def forward(self, tokens, pos):
         m = self._get("forward")
-        m.bind_input("tokens", np.asarray([tokens], np.int64))
-        m.bind_input("input_pos", np.asarray([pos], np.int64))
+        self._bind_tokens(m, tokens)
+        self._bind_position(m, pos)
         self._bind_logits(m, (1, self.logits.shape[1]))
         m.run()
         m.write_new_rows(self.caches, pos)

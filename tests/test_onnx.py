@@ -30,12 +30,18 @@ def int4_onnx(tiny_checkpoint, tmp_path_factory):
     return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx4"), quant="int4")
 
 
-def test_graphs_pass_the_checker_and_use_the_shared_buffer_attention(fp32_onnx):
+def test_graphs_use_the_fused_attention_and_norms(fp32_onnx):
+    """One q|k|v projection per layer into GroupQueryAttention, which applies the rotary embedding
+    (no Sin/Cos/Neg left), and every RMSNorm fused."""
     for name in ("draft", "verify", "forward"):
-        path = fp32_onnx.path(name)
-        onnx.checker.check_model(str(path))
-        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
-        assert "GroupQueryAttention" in ops
+        nodes = onnx.load(str(fp32_onnx.path(name)), load_external_data=False).graph.node
+        ops = [n.op_type for n in nodes]
+        gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+        assert gqa and all(n.input[1] == n.input[2] == "" for n in gqa)  # packed q|k|v
+        assert all(a.i == 1 for n in gqa for a in n.attribute if a.name == "do_rotary")
+        assert not {"Sin", "Cos", "Neg", "Pow", "ReduceMean", "Reciprocal"} & set(ops)
+        norms = ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization")
+        assert norms == 2 * len(gqa) + 1  # two per layer and the final norm
 
 
 def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, fp32_onnx):

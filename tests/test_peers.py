@@ -1,0 +1,67 @@
+"""The plain decoders we are measured against (runtime/peers.py, runtime.bench --peers)."""
+
+import json
+import sys
+
+import pytest
+
+from export.pipeline import ExportConfig, run_export
+from exported import PROMPT
+from runtime import bench
+from runtime.decoding import GenerationConfig, generate
+from runtime.errors import UserError
+from runtime.loader import open_artifact
+from runtime.peers import OrtGenAIDecoder, build_ort_genai
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def export_onnx(checkpoint, out, **kw):
+    return run_export(ExportConfig(model=checkpoint, out=out, backend="onnx", max_seq_len=128,
+                                   max_tokens_per_call=16, **kw))[0]
+
+
+def test_ort_genai_decodes_what_our_plain_decoding_does(tiny_checkpoint, tmp_path):
+    """At fp32 both are the same model: ORT GenAI's build of the checkpoint, driven by our token ids
+    and timing, emits exactly our autoregressive tokens, first token included."""
+    ours = open_artifact(export_onnx(tiny_checkpoint, tmp_path / "ours").directory, threads=1)
+    seconds = build_ort_genai(tiny_checkpoint, tmp_path / "genai", "none", 32, threads=1)
+    assert seconds > 0
+    config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
+    peer = OrtGenAIDecoder(tmp_path / "genai")
+    for prompt in (PROMPT, PROMPT[:3]):
+        tokens, ttft, decode = peer.generate(prompt, 24)
+        expected = generate(ours.backend, prompt, GenerationConfig(max_new_tokens=24, self_speculative=False,
+                                                                   eos_token_ids=(1,))).tokens
+        assert tokens == expected and ttft > 0 and decode > 0
+
+
+def test_bench_peers_pairs_ort_genai_with_each_onnx_artifact(tiny_checkpoint, tmp_path, capsys):
+    artifact = export_onnx(tiny_checkpoint, tmp_path / "a", quant="int4", group_size=32).directory
+    out = tmp_path / "bench"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "for i in range(10):"}\n')
+    assert bench.main(["--artifact", str(artifact), "--peers", "--prompts", f"file:{prompts}", "--max-new-tokens", "12",
+                       "--repeats", "1", "--threads", "1", "--no-rss", "--out", str(out)]) == 0
+    modes = json.loads((out / "bench.json").read_text())["runs"][0]["modes"]
+    peer = modes["peers"]["ort_genai"]
+    assert peer["block_size"] == 32 and peer["build_s"] > 0 and 0 <= peer["greedy_identical_to_ar"] <= 1
+    plain = {"ar": modes["ar"]["decode_tokens_per_s"], "ar_full": modes["ar_full"]["decode_tokens_per_s"],
+             "ort_genai": peer["decode_tokens_per_s"]}
+    assert modes["fastest_plain"] == max(plain, key=plain.get)
+    assert modes["speedup_vs_fastest_plain"] == pytest.approx(modes["spec"]["decode_tokens_per_s"] / max(plain.values()))
+    assert "| ort_genai |" in (out / "bench.md").read_text()
+    assert (out / "tokens_per_s.png").exists()
+
+
+def test_without_onnxruntime_genai_the_peer_names_the_install(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
+    with pytest.raises(UserError, match=r"pip install -e '\.\[peers\]'"):
+        build_ort_genai(tiny_checkpoint, tmp_path / "genai", "int4", 32, threads=1)
+
+
+def test_a_checkpoint_the_builder_cannot_read_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="ORT GenAI's builder failed"):
+        build_ort_genai(tmp_path / "empty", tmp_path / "genai", "int4", 32, threads=1)
