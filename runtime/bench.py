@@ -134,24 +134,33 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
 
 def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, dict]:
     """The fastest plain decoders of the artifact's format, built from its checkpoint at its bits and
-    block size: ({name: decoder}, {name: build facts}). ONNX: ONNX Runtime GenAI."""
+    block/group size: ({name: decoder}, {name: build facts}). ONNX: ONNX Runtime GenAI; .pte:
+    ExecuTorch's Llama export and runner (8da4w artifacts)."""
     if spec["kind"] != "artifact":
         return {}, {}
     from runtime.artifact import read_manifest
-    from runtime.peers import OrtGenAIDecoder, build_ort_genai
+    from runtime import peers
 
     m = read_manifest(spec["path"])
-    if m.format != "onnx":
-        return {}, {}
     checkpoint = Path(m.source.get("path", ""))
     if not (checkpoint / "config.json").exists():
         checkpoint = cfg.model
-    directory = cfg.out / "artifacts" / "peers" / f"ort_genai_{m.quant}_b{m.group_size}"
-    print(f"[bench] building {checkpoint} with ORT GenAI's builder ({m.quant}, block {m.group_size})",
-          file=sys.stderr, flush=True)
-    seconds = build_ort_genai(checkpoint, directory, m.quant, m.group_size, cfg.threads)
-    return ({"ort_genai": OrtGenAIDecoder(directory)},
-            {"ort_genai": {"build_s": seconds, "directory": str(directory), "block_size": m.group_size}})
+    if m.format == "onnx":
+        name, what = "ort_genai", f"ORT GenAI's builder ({m.quant}, block {m.group_size})"
+        directory = cfg.out / "artifacts" / "peers" / f"ort_genai_{m.quant}_b{m.group_size}"
+    elif m.quant == "8da4w":
+        name, what = "executorch_llama", f"ExecuTorch's Llama export (8da4w, group {m.group_size or 'per channel'})"
+        directory = cfg.out / "artifacts" / "peers" / f"executorch_llama_g{m.group_size}"  # no "8da4w" in it
+    else:
+        return {}, {}
+    print(f"[bench] building {checkpoint} with {what}", file=sys.stderr, flush=True)
+    if name == "ort_genai":
+        seconds = peers.build_ort_genai(checkpoint, directory, m.quant, m.group_size, cfg.threads)
+        decoder = peers.OrtGenAIDecoder(directory)
+    else:
+        seconds = peers.build_executorch_llama(checkpoint, directory, m.group_size, m.max_seq_len)
+        decoder = peers.ExecuTorchLlamaDecoder(directory, opened.tokenizer)
+    return {name: decoder}, {name: {"build_s": seconds, "directory": str(directory), "group_size": m.group_size}}
 
 
 def probe_rss(spec: dict, modes: list[str], torch_free: bool = False) -> dict:
@@ -461,14 +470,16 @@ def plots(results: dict, out: Path) -> None:
         x = np.arange(len(runs))
         bars = [("ar", "AR draft+verify"), ("ar_full", "AR full call"), ("spec", "self-speculative")]
         peer_names = sorted({n for r in runs for n in r["modes"].get("peers", {})})
-        bars += [(n, f"{n} (plain)") for n in peer_names]
+        if peer_names:  # one bar per artifact: the peer of its format
+            bars.append(("peer", f"peer's plain decoding ({', '.join(peer_names)})"))
         width = 0.8 / len(bars)
         for i, (mode, name) in enumerate(bars):
-            vals = [(r["modes"].get(mode) or r["modes"].get("peers", {}).get(mode) or {}).get("decode_tokens_per_s", 0)
-                    for r in runs]
+            vals = [max([p["decode_tokens_per_s"] for p in r["modes"].get("peers", {}).values()] or [0]) if mode == "peer"
+                    else r["modes"].get(mode, {}).get("decode_tokens_per_s", 0) for r in runs]
             ax.bar(x + (i - (len(bars) - 1) / 2) * width, vals, width, label=name)
         ax.set_xticks(x, [r["label"] for r in runs], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("decode tokens/s")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
         ax.set_title("Decode speed per backend and scheme")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -520,8 +531,8 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes (one process per mode)")
     p.add_argument("--peers", action="store_true",
-                   help="beside each .onnx artifact, ONNX Runtime GenAI's plain decoding of the same checkpoint, "
-                        "bits and block size (pip install -e '.[peers]')")
+                   help="beside each artifact, the plain decoding of the same checkpoint, bits and group size by "
+                        "ONNX Runtime GenAI (.onnx; pip install -e '.[peers]') or ExecuTorch's Llama runner (.pte)")
     p.add_argument("--baselines", action="store_true",
                    help="transformers generate / assistant_early_exit and a two-model speculation baseline")
     p.add_argument("--peer-limit", type=int, default=d.peer_limit)

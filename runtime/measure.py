@@ -113,7 +113,8 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
     if peers and "ar" in runs:
         ours = runs["ar"][-1].tokens
         out["peers"] = {name: {**out.pop(name), "greedy_identical_to_ar": sum(
-            a == b for a, b in zip(runs[name][-1].tokens, ours)) / len(ours)} for name in peers}
+            decoder.matches(a, b) for a, b in zip(runs[name][-1].tokens, ours)) / len(ours)}
+            for name, decoder in peers.items()}
         plain = {m: out[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in out}
         plain.update({name: p["decode_tokens_per_s"] for name, p in out["peers"].items()})
         out["fastest_plain"] = max(plain, key=plain.get)
