@@ -110,11 +110,13 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
         out["speedup"] = out["spec"]["decode_tokens_per_s"] / max(baselines)
         out["speedup_vs"] = "ar_full" if out.get("ar_full", {}).get("decode_tokens_per_s", 0) >= out.get(
             "ar", {}).get("decode_tokens_per_s", 0) else "ar"
-    if peers and "ar" in runs:
-        ours = runs["ar"][-1].tokens
-        out["peers"] = {name: {**out.pop(name), "greedy_identical_to_ar": sum(
-            decoder.matches(a, b) for a, b in zip(runs[name][-1].tokens, ours)) / len(ours)}
-            for name, decoder in peers.items()}
+    if peers:
+        out["peers"] = {name: out.pop(name) for name in peers}
+        if "ar" in runs:
+            ours = runs["ar"][-1].tokens
+            for name, decoder in peers.items():
+                out["peers"][name]["greedy_identical_to_ar"] = sum(
+                    decoder.matches(a, b) for a, b in zip(runs[name][-1].tokens, ours)) / len(ours)
         plain = {m: out[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in out}
         plain.update({name: p["decode_tokens_per_s"] for name, p in out["peers"].items()})
         out["fastest_plain"] = max(plain, key=plain.get)
