@@ -135,7 +135,7 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
 def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, dict]:
     """The fastest plain decoders of the artifact's format, built from its checkpoint at its bits and
     block/group size: ({name: decoder}, {name: build facts}). ONNX: ONNX Runtime GenAI; .pte:
-    ExecuTorch's Llama export and runner (8da4w artifacts)."""
+    ExecuTorch's Llama export and runner."""
     if spec["kind"] != "artifact":
         return {}, {}
     from runtime.artifact import read_manifest
@@ -148,9 +148,10 @@ def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, di
     if m.format == "onnx":
         name, what = "ort_genai", f"ORT GenAI's builder ({m.quant}, block {m.group_size})"
         directory = cfg.out / "artifacts" / "peers" / f"ort_genai_{m.quant}_b{m.group_size}"
-    elif m.quant == "8da4w":
-        name, what = "executorch_llama", f"ExecuTorch's Llama export (8da4w, group {m.group_size or 'per channel'})"
-        directory = cfg.out / "artifacts" / "peers" / f"executorch_llama_g{m.group_size}"  # no "8da4w" in it
+    elif m.quant in peers.ET_QUANTIZATION:
+        name, what = "executorch_llama", f"ExecuTorch's Llama export ({m.quant}, group {m.group_size or 'per channel'})"
+        bits = "int4" if m.quant == "8da4w" else "fp32"  # no scheme name in the path (see build_executorch_llama)
+        directory = cfg.out / "artifacts" / "peers" / f"executorch_llama_{bits}_g{m.group_size}"
     else:
         return {}, {}
     print(f"[bench] building {checkpoint} with {what}", file=sys.stderr, flush=True)
@@ -158,7 +159,7 @@ def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, di
         seconds = peers.build_ort_genai(checkpoint, directory, m.quant, m.group_size, cfg.threads)
         decoder = peers.OrtGenAIDecoder(directory)
     else:
-        seconds = peers.build_executorch_llama(checkpoint, directory, m.group_size, m.max_seq_len)
+        seconds = peers.build_executorch_llama(checkpoint, directory, m.group_size, m.max_seq_len, m.quant)
         decoder = peers.ExecuTorchLlamaDecoder(directory, opened.tokenizer)
     return {name: decoder}, {name: {"build_s": seconds, "directory": str(directory), "group_size": m.group_size}}
 

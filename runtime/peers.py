@@ -4,7 +4,7 @@
                       same checkpoint at the artifact's bits and block size, run by its C++ generation
                       loop (og.Generator), greedy. The counterpart of our .onnx artifacts.
     executorch_llama  ExecuTorch's own Llama export (`executorch.extension.llm.export.export_llm`) of the
-                      same checkpoint at the artifact's 8da4w group size, run by its C++ text runner
+                      same checkpoint at the artifact's scheme and group size, run by its C++ text runner
                       (TextLLMRunner), greedy. The counterpart of our .pte artifacts.
 
 A peer decodes the same token ids (no tokenizer in the loop), with the same number of new tokens, the
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from contextlib import contextmanager
@@ -52,6 +54,7 @@ def build_ort_genai(checkpoint: Path, out: Path, scheme: str, block_size: int, t
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t
+    shutil.rmtree(out / "cache", ignore_errors=True)  # the builder's scratch files
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
         raise UserError(f"ORT GenAI's builder failed on '{checkpoint}' ({last}); it builds Hugging Face Llama "
@@ -64,6 +67,12 @@ def build_ort_genai(checkpoint: Path, out: Path, scheme: str, block_size: int, t
         options["inter_op_num_threads"] = 1
     config_path.write_text(json.dumps(config, indent=2))
     return seconds
+
+
+ET_QUANTIZATION = {  # our .pte scheme -> export_llm's quantization settings (8da8w: not wired up)
+    "8da4w": lambda group: {"qmode": "8da4w", "group_size": group, "embedding_quantize": "4,32"},
+    "none": lambda group: {},
+}
 
 
 class OrtGenAIDecoder:
@@ -132,14 +141,11 @@ def write_meta_checkpoint(checkpoint: Path, out: Path) -> dict:
 
 
 def build_executorch_llama(checkpoint: Path, out: Path, group_size: int, max_seq_len: int,
-                           quantize: bool = True) -> float:
+                           scheme: str = "8da4w") -> float:
     """Export the checkpoint with ExecuTorch's own Llama export (llama3 model class, KV cache, SDPA with
-    KV cache, 8da4w at `group_size` (0: per channel) and a 4-bit embedding unless not `quantize`,
-    XNNPACK with extended ops) to out/llama.pte, the tokenizer beside it; returns the wall seconds of
+    KV cache, XNNPACK with extended ops; `scheme` 8da4w at `group_size` (0: per channel) with a 4-bit
+    embedding, or none) to out/llama.pte, the tokenizer beside it; returns the wall seconds of
     conversion + export."""
-    import shutil
-    import tempfile
-
     t = time.perf_counter()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -155,8 +161,7 @@ def build_executorch_llama(checkpoint: Path, out: Path, group_size: int, max_seq
             "model": {"use_kv_cache": True, "use_sdpa_with_kv_cache": True, "dtype_override": "fp32"},
             "export": {"max_seq_length": max_seq_len, "max_context_length": max_seq_len, "output_dir": str(out),
                        "output_name": str(out / "llama.pte")},  # a bare name is written to the working directory
-            "quantization": {"qmode": "8da4w", "group_size": group_size, "embedding_quantize": "4,32"}
-            if quantize else {},
+            "quantization": ET_QUANTIZATION[scheme](group_size),
             "backend": {"xnnpack": {"enabled": True, "extended_ops": True}}}
         (Path(tmp) / "config.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML; hydra wants .yaml
         done = subprocess.run([sys.executable, "-m", "executorch.extension.llm.export.export_llm", "--config",
@@ -205,6 +210,8 @@ class ExecuTorchLlamaDecoder:
         t0 = time.perf_counter()
         with quiet_native_output():  # the runner logs its own stats on every generate
             self.runner.generate(text, config, on_token)
+        if not stamps:
+            return [], 0.0, 0.0
         return pieces, stamps[0] - t0, stamps[-1] - stamps[0]
 
     def matches(self, pieces: list[str], ours: list[int]) -> bool:

@@ -45,7 +45,7 @@ def test_executorch_llama_runner_decodes_what_we_do(tmp_path):
     not a random tiny one: the runner's Python binding fails on tokens that are part of a UTF-8
     character, which a random model emits at once; about 90 s of export.)"""
     ours = open_checkpoint(DEFAULT_MODEL_DIR)
-    seconds = build_executorch_llama(DEFAULT_MODEL_DIR, tmp_path / "et", 0, 256, quantize=False)
+    seconds = build_executorch_llama(DEFAULT_MODEL_DIR, tmp_path / "et", 0, 256, "none")
     assert seconds > 0 and (tmp_path / "et" / "llama.pte").exists()
     assert not list((tmp_path / "et").glob("*.pth"))  # the converted weights are not kept
     peer = ExecuTorchLlamaDecoder(tmp_path / "et", ours.tokenizer)
