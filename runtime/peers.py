@@ -7,9 +7,10 @@
                       same checkpoint at the artifact's scheme and group size, run by its C++ text runner
                       (TextLLMRunner), greedy. The counterpart of our .pte artifacts.
 
-A peer decodes the same token ids (no tokenizer in the loop), with the same number of new tokens, the
-same thread count, stops at the same EOS, and is timed like runtime.measure.run_pass: from the first
-generated token to the last (the prompt excluded). ORT GenAI needs `pip install -e ".[peers]"`.
+A peer decodes the same prompts (ORT GenAI takes our token ids; ExecuTorch's runner takes text and
+reads it into the same ids), with the same number of new tokens and thread count, stops at the same
+EOS, and is timed like runtime.measure.run_pass: from the first generated token to the last (the
+prompt excluded). ORT GenAI needs `pip install -e ".[peers]"`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,11 @@ def import_genai():
     except ImportError:
         raise UserError("the ONNX Runtime GenAI peer needs onnxruntime-genai: pip install -e '.[peers]'.") from None
     return og
+
+
+def last_line(stderr: str) -> str:
+    """What a failed tool's error says, for a one-line UserError."""
+    return (stderr.strip().splitlines() or ["(no output)"])[-1][:300]
 
 
 def build_ort_genai(checkpoint: Path, out: Path, scheme: str, block_size: int, threads: int) -> float:
@@ -56,9 +62,8 @@ def build_ort_genai(checkpoint: Path, out: Path, scheme: str, block_size: int, t
     seconds = time.perf_counter() - t
     shutil.rmtree(out / "cache", ignore_errors=True)  # the builder's scratch files
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-        raise UserError(f"ORT GenAI's builder failed on '{checkpoint}' ({last}); it builds Hugging Face Llama "
-                        f"checkpoints (config.json + safetensors).")
+        raise UserError(f"ORT GenAI's builder failed on '{checkpoint}' ({last_line(done.stderr)}); it builds "
+                        f"Hugging Face Llama checkpoints (config.json + safetensors).")
     config_path = out / "genai_config.json"
     config = json.loads(config_path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})
@@ -168,8 +173,7 @@ def build_executorch_llama(checkpoint: Path, out: Path, group_size: int, max_seq
                                str(Path(tmp) / "config.yaml")], capture_output=True, text=True, cwd=tmp)
         shutil.copy(Path(tmp) / "config.yaml", out / "export_config.yaml")
     if done.returncode != 0 or not (out / "llama.pte").exists():
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-        raise UserError(f"ExecuTorch's Llama export failed on '{checkpoint}' ({last}).")
+        raise UserError(f"ExecuTorch's Llama export failed on '{checkpoint}' ({last_line(done.stderr)}).")
     return time.perf_counter() - t
 
 
