@@ -6,6 +6,8 @@
     draft_greedy (token [1, 1], input_pos [1]) -> drafts [d], hidden [1, d+1, dim]
                  d greedy draft steps and the last draft's prefix pass in one call (static d)
     forward_all  (tokens, input_pos) -> logits [1, T, vocab]  (only the two-model baseline's target)
+    all          (tokens, input_pos) -> hidden, draft_logits, verify_logits, logits: draft, verify and
+                 forward in one graph, for a target that traces once and cuts the methods out (ONNX)
 
 T is dynamic, 1 .. max_tokens_per_call. Token ids and positions are int64. The KV caches are the
 model's buffers (ExecuTorch) or explicit inputs/outputs (ONNX); either way these modules call the
@@ -84,16 +86,33 @@ class FullLogitsMethod(nn.Module):
         return (self.model(tokens, input_pos, caches),)
 
 
+class AllMethods(nn.Module):
+    """draft, verify and forward as one graph. The verify part reads only `hidden` (and input_pos),
+    so the graph cut at `hidden` is the verify method; each part computes what its method does."""
+
+    def __init__(self, model: Transformer, exit_layer: int):
+        super().__init__()
+        self.model, self.exit_layer = model, exit_layer
+
+    def forward(self, tokens, input_pos, caches=None):
+        m = self.model
+        draft = m.prefix(tokens, input_pos, self.exit_layer, logits="last", caches=caches)
+        out = m.run_layers(draft.hidden, input_pos, self.exit_layer, m.config.num_hidden_layers, caches)
+        return draft.hidden, draft.logits[:, -1], m.exit_logits(out), m.exit_logits(out[:, -1:])[:, -1]
+
+
 def method_module(name: str, model: Transformer, exit_layer: int, draft_length: int = 1) -> nn.Module:
     return {"draft": lambda: DraftMethod(model, exit_layer),
             "draft_greedy": lambda: DraftGreedyMethod(model, exit_layer, draft_length),
             "verify": lambda: VerifyMethod(model, exit_layer),
             "forward": lambda: FullMethod(model),
-            "forward_all": lambda: FullLogitsMethod(model)}[name]()
+            "forward_all": lambda: FullLogitsMethod(model),
+            "all": lambda: AllMethods(model, exit_layer)}[name]()
 
 
 def output_names(name: str) -> list[str]:
-    return {"draft": ["hidden", "logits"], "draft_greedy": ["drafts", "hidden"]}.get(name, ["logits"])
+    return {"draft": ["hidden", "logits"], "draft_greedy": ["drafts", "hidden"],
+            "all": ["hidden", "draft_logits", "verify_logits", "logits"]}.get(name, ["logits"])
 
 
 def has_dynamic_tokens(name: str) -> bool:

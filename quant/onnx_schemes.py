@@ -130,9 +130,8 @@ def quantize_gathers_8bit(proto: onnx.ModelProto, block_size: int) -> onnx.Model
     return proto
 
 
-def quantize_graphs(protos: dict[str, onnx.ModelProto], scheme: str, group_size: int) -> dict[str, onnx.ModelProto]:
+def quantize(proto: onnx.ModelProto, scheme: str, group_size: int) -> onnx.ModelProto:
     scheme = resolve_onnx_scheme(scheme)
     if scheme == "none":
-        return protos
-    bits = 4 if scheme == "int4" else 8
-    return {name: quantize_graph(proto, bits, group_size) for name, proto in protos.items()}
+        return proto
+    return quantize_graph(proto, 4 if scheme == "int4" else 8, group_size)
