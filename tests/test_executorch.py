@@ -115,6 +115,37 @@ def used_parameters(program) -> set[str]:
             and spec.target in program.graph_signature.parameters}
 
 
+def instructions(pte_path, method: str) -> dict[str, int]:
+    """How many times each operator (and "DELEGATE": an XNNPACK subgraph call) runs in one call of a method."""
+    from collections import Counter
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(Path(pte_path).read_bytes())
+    program = getattr(program, "program", program)
+    plan = next(p for p in program.execution_plan if p.name == method)
+    counts = Counter()
+    for chain in plan.chains:
+        for instruction in chain.instructions:
+            args = instruction.instr_args
+            if hasattr(args, "delegate_index"):
+                counts["DELEGATE"] += 1
+            elif hasattr(args, "op_index"):
+                counts[plan.operators[args.op_index].name] += 1
+    return counts
+
+
+def test_layers_run_inside_xnnpack_apart_from_the_cache_ops(int4_pte):
+    """Norms, projections, rotary and MLP of a layer stay inside XNNPACK subgraphs: at most two per layer
+    (split only by the cache and SDPA ops). Under a dynamic token count, views, slices and means used to
+    stay outside and cut each layer into ~6 subgraphs."""
+    layers = int4_pte.model_config["num_hidden_layers"]
+    ops = instructions(int4_pte.path("program"), "forward")
+    assert ops["llama::custom_sdpa"] == layers
+    assert ops["DELEGATE"] <= 2 * layers + 1
+    assert ops["aten::mean"] == 0 and ops["aten::slice_copy"] <= 1 and ops["executorch_prim::et_view"] == 0
+
+
 def test_verify_method_holds_no_prefix_weights(tiny_checkpoint):
     from export.to_pte import trace, use_custom_kv_cache
     from models.checkpoint import load_model

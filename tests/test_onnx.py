@@ -69,6 +69,39 @@ def test_greedy_self_speculation_equals_autoregressive(which, request):
     assert 0 < spec.stats.accepted < spec.stats.drafted
 
 
+def test_a_method_is_cut_out_of_the_traced_graph_at_its_inputs():
+    """cut() keeps only what computes the outputs from the given inputs, renames outputs, and lets the
+    token count come from `hidden` where the trace read it from `tokens`; a cut that would need
+    another graph input is refused."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from export.to_onnx import cut
+
+    def traced():
+        nodes = [helper.make_node("Shape", ["tokens"], ["count"], start=1, end=2),
+                 helper.make_node("Mul", ["tokens", "two"], ["hidden"]),
+                 helper.make_node("Relu", ["hidden"], ["relu"]),
+                 helper.make_node("Cast", ["count"], ["count_f"], to=TensorProto.FLOAT),
+                 helper.make_node("Add", ["relu", "count_f"], ["verify_logits"]),
+                 helper.make_node("Add", ["relu", "tokens"], ["needs_tokens"])]
+        graph = helper.make_graph(
+            nodes, "all", [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, [1, "T"])],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "T"]) for n in ("hidden", "verify_logits", "needs_tokens")],
+            [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+    verify = cut(traced(), ["hidden"], {"verify_logits": "logits"})
+    assert [v.name for v in verify.graph.input] == ["hidden"] and [v.name for v in verify.graph.output] == ["logits"]
+    assert [n.op_type for n in verify.graph.node] == ["Shape", "Relu", "Cast", "Add"] and not verify.graph.initializer
+    session = ort.InferenceSession(verify.SerializeToString(), providers=["CPUExecutionProvider"])
+    hidden = np.array([[-1.0, 2.0, 3.0]], np.float32)
+    assert np.array_equal(session.run(None, {"hidden": hidden})[0], np.maximum(hidden, 0) + 3)
+    with pytest.raises(RuntimeError, match="tokens"):
+        cut(traced(), ["hidden"], {"needs_tokens": "x"})
+
+
 def test_int4_uses_matmulnbits(int4_onnx):
     ops = {n.op_type for n in onnx.load(str(int4_onnx.path("verify")), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops and "MatMul" not in ops
