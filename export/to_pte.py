@@ -87,7 +87,7 @@ class XnnpackRMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(F.linear(x * x, self.mean_weight) + self.eps))
 
 
-def use_custom_kv_cache(model: Transformer, max_seq_len: int) -> Transformer:
+def prepare_for_executorch(model: Transformer, max_seq_len: int) -> Transformer:
     """Source transformation for the .pte (after quantization): the model's caches become ExecuTorch
     custom-op caches, and attention and norms the forms XNNPACK delegates whole. Each layer used to
     fall into ~6 delegated partitions around undelegated views, slices and means; now it is two (before
@@ -149,7 +149,7 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     scheme = resolve_scheme(cfg.quant)
     backend = cfg.backend if cfg.backend in ("xnnpack", "portable") else "xnnpack"
     stages.run("quantize", quantize_model, model, scheme, cfg.group_size_for("pte", model.config))
-    use_custom_kv_cache(model, r.max_seq_len)
+    prepare_for_executorch(model, r.max_seq_len)
     programs = stages.run("trace", trace, model, list(cfg.methods), r.exit_layer, cfg.max_tokens_per_call,
                           r.num_speculations)
     program = stages.run("lower", lower, programs, backend, runtime_constants(model, r.exit_layer, r.max_seq_len,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from export.to_pte import lower, save, trace, use_custom_kv_cache
+from export.to_pte import lower, prepare_for_executorch, save, trace
 from models.model import Transformer
 from quant.torchao_schemes import quantize_model
 from runtime.executorch_backend import load_program
@@ -42,7 +42,7 @@ def export_two_models(checkpoint: Path, exit_layer: int, quant: str, group_size:
     for role, m, method in (("draft", truncated(model, exit_layer), "forward"),
                             ("target", copy.deepcopy(model), "forward_all")):
         quantize_model(m, quant, group_size)
-        use_custom_kv_cache(m, max_seq_len)
+        prepare_for_executorch(m, max_seq_len)
         program = lower(trace(m, [method], exit_layer, max_tokens), "xnnpack", {})
         paths[role] = directory / f"{role}.pte"
         save(program, paths[role])

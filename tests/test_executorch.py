@@ -147,11 +147,11 @@ def test_layers_run_inside_xnnpack_apart_from_the_cache_ops(int4_pte):
 
 
 def test_verify_method_holds_no_prefix_weights(tiny_checkpoint):
-    from export.to_pte import trace, use_custom_kv_cache
+    from export.to_pte import prepare_for_executorch, trace
     from models.checkpoint import load_model
 
     model, _ = load_model(tiny_checkpoint)
-    use_custom_kv_cache(model, 64)
+    prepare_for_executorch(model, 64)
     programs = trace(model, ["draft", "verify"], exit_layer=2, max_tokens=8)
     verify_params, draft_params = used_parameters(programs["verify"]), used_parameters(programs["draft"])
     assert not any(p.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens")) for p in verify_params)
