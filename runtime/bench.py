@@ -59,10 +59,13 @@ class BenchConfig:
     write_recommended: bool = False
     out: Path = Path("bench_results")
     rss_only: bool = False
+    positions: tuple[int, ...] = ()  # per-call costs also at these cache positions (calls_ms_by_position)
 
     def __post_init__(self):
         if self.repeats < 1 or self.limit < 1 or self.max_new_tokens < 2:
             raise UserError("--repeats and --limit must be >= 1 and --max-new-tokens >= 2.")
+        if any(p < 1 for p in self.positions):
+            raise UserError(f"--positions {' '.join(map(str, self.positions))}: each must be >= 1.")
         if not (self.artifacts or self.export or self.eager or self.sweep or self.rss_only):
             raise UserError("nothing to benchmark: pass --artifact DIR, --export, --eager or --sweep.")
 
@@ -117,6 +120,10 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
                                          tau=opened.draft_threshold, peers=peers)}
     for name, facts in built.items():
         record["modes"]["peers"][name].update(facts)
+    if cfg.positions:  # how each call's cost grows with the cache (attention reads every earlier position)
+        last = opened.backend.max_seq_len - d - 2  # the furthest position a step of d drafts can start at
+        record["calls_ms_by_position"] = {str(min(p, last)): measure.per_call_latency(opened.backend, d, p, n=30)
+                                          for p in cfg.positions}
     record["rss_probe"] = {**spec, "prompts": prompts[:3], "d": d, "max_new_tokens": cfg.max_new_tokens,
                            "threads": cfg.threads, "draft_threshold": opened.draft_threshold}
     if cfg.rss:
@@ -389,6 +396,24 @@ def without_torch_note(runs: list[dict]) -> str:
             f"(no PyTorch: ~{statistics.median(baselines):.0f} MB before any model is opened).")
 
 
+def positions_table(runs: list[dict]) -> list[str]:
+    """Per-call ms at each measured cache position, and the speedup those costs predict at the run's
+    acceptance (measure.predicted_speedup)."""
+    runs = [r for r in runs if r.get("calls_ms_by_position")]
+    if not runs:
+        return []
+    lines = ["", "Per-call cost by cache position (ms, median of 30 calls):", "",
+             "| artifact | position | draft | verify 1 | verify d+1 | full | predicted speedup at this run's acceptance |",
+             "|" + "---|" * 7]
+    for r in runs:
+        d, acceptance = r["num_speculations"], r["modes"]["spec"]["acceptance_rate"]
+        for position, c in r["calls_ms_by_position"].items():
+            full = f"{c['full_1']:.3f}" if "full_1" in c else "-"
+            lines.append(f"| {r['label']} | {position} | {c['draft_1']:.3f} | {c['verify_1']:.3f} | "
+                         f"{c[f'verify_{d + 1}']:.3f} | {full} | {measure.predicted_speedup(c, d, acceptance):.2f}x |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     mach = results["machine"]
     baselines = [v for r in results["runs"] for v in (r.get("runtime_baseline_rss_mb") or {}).values() if v]
@@ -417,6 +442,7 @@ def markdown(results: dict) -> str:
                      f"{rss.get('ar_full') or 0:.0f}", f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}",
                      f"{app['spec']:.0f}" if app.get("spec") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += positions_table(results["runs"])
     with_peers = [r for r in results["runs"] if r["modes"].get("peers")]
     if with_peers:
         lines += ["", "Against the fastest plain decoder of the same format, same checkpoint, bits and block size "
@@ -546,6 +572,8 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
     p.add_argument("--sweep-quant", default=d.sweep_quant)
     p.add_argument("--write-recommended", action="store_true", help="store the sweep's best (E, d) in the model")
     p.add_argument("--out", type=Path, default=d.out)
+    p.add_argument("--positions", type=int, nargs="*", default=[],
+                   help="also measure every call's cost at these cache positions (e.g. 10 200 400 700)")
     p.add_argument("--rss-only", action="store_true", help="re-measure peak RSS of the runs in OUT/bench.json")
     a = p.parse_args(argv)
     if a.rss_only:
@@ -555,7 +583,8 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
                        rss=not a.no_rss, peers=a.peers, baselines=a.baselines, peer_limit=a.peer_limit, sweep=a.sweep,
                        exit_layers=tuple(a.exit_layers), draft_lengths=tuple(a.draft_lengths),
                        draft_thresholds=tuple(a.draft_thresholds), sweep_target=a.sweep_target,
-                       sweep_quant=a.sweep_quant, write_recommended=a.write_recommended, out=a.out)
+                       sweep_quant=a.sweep_quant, write_recommended=a.write_recommended, out=a.out,
+                       positions=tuple(a.positions))
 
 
 def main(argv=None) -> int:

@@ -64,8 +64,15 @@ def test_bench_peers_pairs_ort_genai_with_each_onnx_artifact(tiny_checkpoint, tm
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def add(a, b):"}\n{"prompt": "for i in range(10):"}\n')
     assert bench.main(["--artifact", str(artifact), "--peers", "--prompts", f"file:{prompts}", "--max-new-tokens", "12",
-                       "--repeats", "1", "--threads", "1", "--no-rss", "--out", str(out)]) == 0
-    modes = json.loads((out / "bench.json").read_text())["runs"][0]["modes"]
+                       "--repeats", "1", "--threads", "1", "--no-rss", "--positions", "5", "100000",
+                       "--out", str(out)]) == 0
+    run = json.loads((out / "bench.json").read_text())["runs"][0]
+    # --positions: every call's cost at each cache position, the one past the cache clamped to the last a step fits
+    last = run["max_seq_len"] - run["num_speculations"] - 2
+    assert list(run["calls_ms_by_position"]) == ["5", str(last)]
+    assert all(c["full_1"] > 0 and c[f"verify_{run['num_speculations'] + 1}"] > 0 for c in run["calls_ms_by_position"].values())
+    assert f"| {run['label']} | {last} |" in (out / "bench.md").read_text()
+    modes = run["modes"]
     peer = modes["peers"]["ort_genai"]
     assert peer["group_size"] == 32 and peer["build_s"] > 0 and 0 <= peer["greedy_identical_to_ar"] <= 1
     plain = {"ar": modes["ar"]["decode_tokens_per_s"], "ar_full": modes["ar_full"]["decode_tokens_per_s"],
