@@ -33,12 +33,13 @@ BACKENDS = ("xnnpack", "portable", "onnx", "all")
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per
 # scale (0: one scale per output channel, .pte only), halved until it divides every linear's input
-# width. Chosen by measurement on the shipped model (README, "4-bit layout"): the fastest
-# self-speculative decoding whose quality stays within 1.5% loss / 0.05 acceptance of fp32 and whose
-# greedy output equals plain decoding on every benchmark prompt. Per-channel 8da4w sums each row in
-# int32 and scales once, so 1-row and multi-row kernels agree exactly; with several groups per row
-# they add float partial sums in different orders, and group 64 / 128 flipped a near-tie (29 of 30).
-DEFAULT_GROUP_SIZE = {"pte": 0, "onnx": 128}
+# width. A checkpoint may record the layout measured for it in layerskip.json ("group_size": {"pte":
+# G, "onnx": B}); the shipped model records per channel / block 128, chosen by measurement (README,
+# "4-bit layout": the fastest self-speculative decoding within 1.5% loss / 0.05 acceptance of fp32
+# whose greedy output equals plain decoding on every benchmark prompt). Other checkpoints get groups
+# of 32 on the .pte: one scale per output channel cost SmolLM2-135M 69% in held-out loss (3.559 vs
+# fp32 2.110; group 32: 2.517), so it is a per-model choice, not a default.
+DEFAULT_GROUP_SIZE = {"pte": 32, "onnx": 128}
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ExportConfig:
     exit_layer: Optional[int] = None  # None: the checkpoint's recommended one
     num_speculations: Optional[int] = None
     quant: str = "none"
-    group_size: Optional[int] = None  # None: the target's default (DEFAULT_GROUP_SIZE)
+    group_size: Optional[int] = None  # None: the checkpoint's recommended layout, else DEFAULT_GROUP_SIZE
     max_seq_len: Optional[int] = None  # None: min(max_position_embeddings, 2048)
     max_tokens_per_call: int = 64  # upper bound of the dynamic token dimension (prompt chunk size)
     backend: str = "xnnpack"
@@ -83,11 +84,17 @@ class ExportConfig:
             if scheme != "none" and self.group_size is not None:
                 (check_block_size if target == "onnx" else check_group_size)(self.group_size)
 
-    def group_size_for(self, target: str, config: ModelConfig) -> int:
-        """target: "onnx", or "xnnpack" / "portable" / "pte" for the .pte."""
+    def group_size_for(self, target: str, config: ModelConfig, recommended: Optional[dict] = None) -> int:
+        """target: "onnx", or "xnnpack" / "portable" / "pte" for the .pte; `recommended`: the checkpoint's
+        layerskip.json."""
         if self.group_size is not None:
             return self.group_size
-        group = DEFAULT_GROUP_SIZE["onnx" if target == "onnx" else "pte"]
+        key = "onnx" if target == "onnx" else "pte"
+        group = int((recommended or {}).get("group_size", {}).get(key, DEFAULT_GROUP_SIZE[key]))
+        from quant.onnx_schemes import check_block_size
+        from quant.torchao_schemes import check_group_size
+
+        (check_block_size if key == "onnx" else check_group_size)(group)
         widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim)
         while group > 16 and any(w % group for w in widths):
             group //= 2
@@ -172,7 +179,7 @@ def base_manifest(cfg: ExportConfig, r: Resolved, model: Transformer, extra: Opt
         draft_threshold=r.draft_threshold,
         max_seq_len=r.max_seq_len, max_tokens_per_call=cfg.max_tokens_per_call,
         bos_token_id=r.ckpt.bos_token_id, eos_token_ids=r.ckpt.eos_token_ids,
-        group_size=cfg.group_size_for(kw["format"], model.config),
+        group_size=cfg.group_size_for(kw["format"], model.config, r.ckpt.recommended),
         source={"path": str(cfg.model), "sha256": r.source_hash}, versions=versions(), extra=extra, **kw)
 
 

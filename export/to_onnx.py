@@ -227,7 +227,7 @@ def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
     methods = [m for m in cfg.methods if m != "draft_greedy"]
     # One trace and one quantization for all methods, then each method's graph is cut out of it.
     combined = stages.run("trace", trace_all, model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call, kind)
-    combined = stages.run("quantize", quantize, combined, scheme, cfg.group_size_for("onnx", model.config))
+    combined = stages.run("quantize", quantize, combined, scheme, cfg.group_size_for("onnx", model.config, r.ckpt.recommended))
     protos = stages.run("cut", cut_methods, combined, methods, r.exit_layer, r.max_seq_len, kind,
                         model.config.num_hidden_layers)
     files = stages.run("save", save_shared, protos, directory)

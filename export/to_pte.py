@@ -148,7 +148,7 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
 
     scheme = resolve_scheme(cfg.quant)
     backend = cfg.backend if cfg.backend in ("xnnpack", "portable") else "xnnpack"
-    stages.run("quantize", quantize_model, model, scheme, cfg.group_size_for("pte", model.config))
+    stages.run("quantize", quantize_model, model, scheme, cfg.group_size_for("pte", model.config, r.ckpt.recommended))
     prepare_for_executorch(model, r.max_seq_len)
     programs = stages.run("trace", trace, model, list(cfg.methods), r.exit_layer, cfg.max_tokens_per_call,
                           r.num_speculations)

@@ -250,7 +250,8 @@ def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str,
     except UserError:
         return False
     scheme = resolve_onnx_scheme(quant) if m.format == "onnx" else resolve_scheme(quant)
-    group_size = ExportConfig(model=model).group_size_for(m.format, read_checkpoint(model).config)
+    ckpt = read_checkpoint(model)
+    group_size = ExportConfig(model=model).group_size_for(m.format, ckpt.config, ckpt.recommended)
     return (m.exit_layer, m.quant, m.group_size, m.draft_vocab, m.source.get("sha256")) == (
         exit_layer, scheme, group_size, draft_vocab, checkpoint_hash(model))
 
@@ -378,6 +379,7 @@ def run_sweep(cfg: BenchConfig, texts: list[str]) -> dict:
     best = max(surface, key=lambda p: p["speedup"])
     if cfg.write_recommended:
         write_json(Path(cfg.model) / RECOMMENDED_FILE, {
+            **read_checkpoint(cfg.model).recommended,  # other facts (the 4-bit layout) stay
             "exit_layer": best["exit_layer"], "num_speculations": best["num_speculations"],
             "draft_threshold": best["draft_threshold"],
             "measured": {"speedup": round(best["speedup"], 3), "quant": cfg.sweep_quant, "target": cfg.sweep_target,

@@ -115,6 +115,24 @@ def used_parameters(program) -> set[str]:
             and spec.target in program.graph_signature.parameters}
 
 
+def test_the_4bit_layout_is_the_checkpoints_own_else_groups_of_32():
+    """layerskip.json may record the layout measured for a model (the shipped one: per channel on the
+    .pte); any other checkpoint gets groups of 32, halved until they divide every width (TINY: 64)."""
+    from export.pipeline import ExportConfig
+    from models.config import ModelConfig
+    from conftest import TINY
+
+    config, own = ModelConfig(**TINY), {"group_size": {"pte": 0, "onnx": 128}}
+    assert ExportConfig().group_size_for("pte", config, {}) == 32
+    assert ExportConfig().group_size_for("xnnpack", config, own) == 0
+    assert ExportConfig().group_size_for("onnx", config, own) == 64  # 128 does not divide 64
+    assert ExportConfig(group_size=16).group_size_for("pte", config, own) == 16  # the flag wins
+    with pytest.raises(UserError, match="group-size 48"):
+        ExportConfig().group_size_for("pte", config, {"group_size": {"pte": 48}})
+    shipped = json.loads((Path(__file__).parents[1] / "models" / "default" / "layerskip.json").read_text())
+    assert shipped["group_size"] == {"pte": 0, "onnx": 128}
+
+
 def instructions(pte_path, method: str) -> dict[str, int]:
     """How many times each operator (and "DELEGATE": an XNNPACK subgraph call) runs in one call of a method."""
     from collections import Counter
