@@ -121,7 +121,7 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
     for name, facts in built.items():
         record["modes"]["peers"][name].update(facts)
     if cfg.positions:  # how each call's cost grows with the cache (attention reads every earlier position)
-        last = opened.backend.max_seq_len - d - 2  # the furthest position a step of d drafts can start at
+        last = measure.last_step_position(opened.backend, d)
         record["calls_ms_by_position"] = {str(min(p, last)): measure.per_call_latency(opened.backend, d, p, n=30)
                                           for p in cfg.positions}
     record["rss_probe"] = {**spec, "prompts": prompts[:3], "d": d, "max_new_tokens": cfg.max_new_tokens,

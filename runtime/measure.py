@@ -142,9 +142,15 @@ def _median_ms(fn, n: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def last_step_position(backend, d: int) -> int:
+    """The furthest position a step of d drafts and its verify can start at."""
+    return backend.max_seq_len - d - 2
+
+
 def per_call_latency(backend, d: int, position: int = 200, n: int = 100) -> dict:
-    """Median latency of each call at a fixed position, after a prompt fills the caches below it."""
-    position = min(position, backend.max_seq_len - d - 2)
+    """Median latency of each call at a fixed position (at most last_step_position), after a prompt
+    fills the caches below it."""
+    position = min(position, last_step_position(backend, d))
     rng = np.random.default_rng(0)
     prompt = rng.integers(2, 200, size=position).tolist()
     backend.reset()
