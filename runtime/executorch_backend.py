@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from runtime.artifact import Manifest, check_fact
@@ -49,8 +50,7 @@ class ExecuTorchBackend:
         self._loaded = {}
         for name in preload if preload is not None else ("draft", "verify") + (("draft_greedy",) if fused else ()):
             self._get(name)
-        self.exit_cache = torch.zeros(self.max_seq_len, manifest.shape.hidden_size)  # layer-E hidden states
-        self._exit_rows = self.exit_cache.numpy()
+        self.exit_cache = np.zeros((self.max_seq_len, manifest.shape.hidden_size), np.float32)  # layer-E hidden states
         # Token ids and the position live in tensors made once, written in place through numpy views
         # (two torch.tensor() calls were half of the Python time per decoded token).
         token_ids = torch.zeros(1, self.max_tokens_per_call, dtype=torch.long)
@@ -86,17 +86,17 @@ class ExecuTorchBackend:
 
     def draft(self, tokens, pos):
         hidden, logits = self._get("draft").execute(self._inputs(tokens, pos))
-        self._exit_rows[pos:pos + len(tokens)] = hidden.numpy()[0]
+        self.exit_cache[pos:pos + len(tokens)] = hidden.numpy()[0]
         return logits.numpy()[0]
 
     def draft_greedy(self, token, pos):
         """All d greedy drafts in one call; fills exit-cache rows pos .. pos+d."""
         drafts, hidden = self._get("draft_greedy").execute(self._inputs([token], pos))
-        self._exit_rows[pos:pos + hidden.shape[1]] = hidden.numpy()[0]
+        self.exit_cache[pos:pos + hidden.shape[1]] = hidden.numpy()[0]
         return drafts.tolist()
 
     def verify(self, pos, count):
-        hidden = torch.from_numpy(self._exit_rows[pos:pos + count][None])  # [1, count, dim], contiguous
+        hidden = torch.from_numpy(self.exit_cache[pos:pos + count][None])  # [1, count, dim], contiguous
         self._position_np[0] = pos
         return self._get("verify").execute((hidden, self._position))[0].numpy()[0]
 
@@ -105,4 +105,4 @@ class ExecuTorchBackend:
 
     def reset(self):
         # The custom SDPA attends only to positions < start + T, so stale cache rows need no clearing.
-        self.exit_cache.zero_()
+        self.exit_cache.fill(0.0)
