@@ -16,6 +16,24 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# K-quant blocks (256 weights each) as ggml lays them out: bytes per block and where its float16 scales
+# sit, with a scale that keeps the dequantized weights near the tiny models' magnitude (|w| <~ 0.3).
+# The gguf package dequantizes these types but cannot quantize to them, so the tests write random
+# blocks: any bytes are a valid block once its float16 scales are finite.
+K_QUANT_BLOCKS = {"Q2_K": (84, (80, 82), 5e-3), "Q3_K": (110, (108,), 2e-3), "Q4_K": (144, (0, 2), 2e-4),
+                  "Q5_K": (176, (0, 2), 1e-4), "Q6_K": (210, (208,), 5e-5)}
+
+
+def random_k_quant(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """A [rows, cols] weight as random `qtype` blocks: uint8 [rows, cols / 256 * block bytes]."""
+    size, scale_offsets, scale = K_QUANT_BLOCKS[qtype]
+    blocks = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    for offset in scale_offsets:
+        d = (scale * rng.uniform(0.5, 1.0, blocks.shape[:2])).astype(np.float16)  # [rows, blocks]
+        blocks[:, :, offset:offset + 2] = d[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def tiny_hf_llama(tied: bool = True, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
                   kv_heads: int = 2, ffn: int = 96):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -35,7 +53,8 @@ def tiny_hf_llama(tied: bool = True, seed: int = 0, hidden: int = 64, layers: in
 
 
 def write_gguf(path: Path, model, qtype: str = "F32", architecture: str = "llama") -> Path:
-    """`model` (a transformers LlamaForCausalLM) as a GGUF file with its 2-D weights stored as `qtype`."""
+    """`model` (a transformers LlamaForCausalLM) as a GGUF file with its 2-D weights stored as `qtype`
+    (a K-quant: random blocks of that type instead of the model's weights, see random_k_quant)."""
     import gguf
     from gguf.quants import quantize
 
@@ -72,6 +91,7 @@ def write_gguf(path: Path, model, qtype: str = "F32", architecture: str = "llama
         for hf, ours in per_layer.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{ours}.weight"
     qt = getattr(gguf.GGMLQuantizationType, qtype)
+    rng = np.random.default_rng(0)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -80,7 +100,9 @@ def write_gguf(path: Path, model, qtype: str = "F32", architecture: str = "llama
             data = llama_cpp_permute(data, c.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             data = llama_cpp_permute(data, c.num_key_value_heads)
-        if data.ndim == 2 and qtype != "F32":
+        if data.ndim == 2 and qtype in K_QUANT_BLOCKS:
+            w.add_tensor(names[name], random_k_quant(*data.shape, qtype, rng), raw_dtype=qt)
+        elif data.ndim == 2 and qtype != "F32":
             w.add_tensor(names[name], quantize(data, qt), raw_dtype=qt)
         else:
             w.add_tensor(names[name], data)

@@ -69,6 +69,18 @@ def test_quantized_files_import_as_transformers_loads_them(tmp_path, qtype):
     assert read_checkpoint(tmp_path / "ckpt").config.tie_word_embeddings is (qtype != "Q4_1")
 
 
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_files_import_as_transformers_loads_them(tmp_path, qtype):
+    """K-quants (256-weight blocks; random blocks, as the gguf package cannot quantize to them) in a model
+    whose every 2-D weight is a whole number of blocks wide, Q/K rows in llama.cpp's order."""
+    source = tiny_hf_llama(tied=qtype != "Q6_K", hidden=256, heads=4, kv_heads=2, ffn=512)
+    path = write_gguf(tmp_path / f"m-{qtype}.gguf", source, qtype)
+    imported = ours(import_gguf(path, tmp_path / "ckpt"))
+    expected = transformers_gguf_loading(path)
+    assert expected.abs().max() > 1.0  # the random blocks decode to weights that move the logits
+    assert (imported - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
 def test_bad_files_are_one_clear_error(tmp_path):
     source = tiny_hf_llama()
     with pytest.raises(UserError, match="holds a 'gpt2' model; only the llama architecture"):
