@@ -164,6 +164,21 @@ def test_layers_run_inside_xnnpack_apart_from_the_cache_ops(int4_pte):
     assert ops["aten::mean"] == 0 and ops["aten::slice_copy"] <= 1 and ops["executorch_prim::et_view"] == 0
 
 
+def test_lowering_skips_only_xnnpack_passes_that_exist_and_only_while_lowering():
+    """The skipped passes are named as executorch names them (a rename would silently keep them) and the
+    default pass list is back after lowering."""
+    import executorch.backends.xnnpack.xnnpack_preprocess as preprocess
+    from export.to_pte import UNUSED_XNNPACK_PASSES, without_unused_xnnpack_passes
+
+    default = preprocess.XNNPACKPassManager
+    every = [p.__name__ for p in default(None).passes]
+    assert set(UNUSED_XNNPACK_PASSES) < set(every)
+    with without_unused_xnnpack_passes():
+        used = [p.__name__ for p in preprocess.XNNPACKPassManager(None).passes]
+    assert used == [p for p in every if p not in UNUSED_XNNPACK_PASSES] and "ConvertToLinearPass" in used
+    assert preprocess.XNNPACKPassManager is default
+
+
 def test_verify_method_holds_no_prefix_weights(tiny_checkpoint):
     from export.to_pte import prepare_for_executorch, trace
     from models.checkpoint import load_model
