@@ -65,7 +65,20 @@ def quantize_model(model: Transformer, scheme: str, group_size: int = 32) -> Tra
         if embedding_ok:
             quantize_(model, IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity),
                       filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    release_checkpoint_file(model)
     return model
+
+
+def release_checkpoint_file(model: nn.Module) -> None:
+    """Copy the tensors quantization left as they were (norms) out of the checkpoint's memory map.
+
+    A safetensors checkpoint loads as views of one memory-mapped file; while any view lives, every
+    page of the file read so far stays mapped and counts as resident. On the 1B shape the norms alone
+    kept 4.9 GB resident through lowering (7.4 -> 2.6 GB after quantization once copied out)."""
+    for module in model.modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None and type(tensor) in (torch.Tensor, nn.Parameter):
+                tensor.data = tensor.data.clone()
 
 
 def untie(model: Transformer) -> None:
