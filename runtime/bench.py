@@ -274,6 +274,14 @@ def artifact_label(facts: dict) -> str:
     return label + (f" draft vocab {facts['draft_vocab']}" if facts.get("draft_vocab") else "")
 
 
+def label_by_path_where_alike(runs: list[dict]) -> None:
+    """Runs whose labels collide (two models at the same scheme) are told apart by their artifact path."""
+    labels = [r["label"] for r in runs]
+    for r in runs:
+        if labels.count(r["label"]) > 1 and r.get("artifact"):
+            r["label"] += f" ({r['artifact']})"
+
+
 def run_benchmarks(cfg: BenchConfig) -> dict:
     texts = [p["prompt"] for p in prompt_set(cfg.prompts)[:cfg.limit]]
     artifacts = list(cfg.artifacts) + (export_grid(cfg) if cfg.export else [])
@@ -286,6 +294,7 @@ def run_benchmarks(cfg: BenchConfig) -> dict:
         label = artifact_label(opened.facts)
         results["runs"].append(bench_one(label, opened, spec, texts, cfg))
         del opened
+    label_by_path_where_alike(results["runs"])
     if cfg.baselines:
         results["baselines"] = run_baselines(cfg, texts)
     if cfg.sweep:
@@ -441,8 +450,8 @@ def markdown(results: dict) -> str:
                      f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
                      f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
                      f"{c['full_1']:.3f}" if "full_1" in c else "-",
-                     f"{rss.get('ar_full') or 0:.0f}", f"{rss.get('ar') or 0:.0f}", f"{rss.get('spec') or 0:.0f}",
-                     f"{app['spec']:.0f}" if app.get("spec") else "-"]
+                     *(f"{v:.0f}" if v else "-" for v in (rss.get("ar_full"), rss.get("ar"), rss.get("spec"),
+                                                          app.get("spec")))]
             lines.append("| " + " | ".join(cells) + " |")
     lines += positions_table(results["runs"])
     with_peers = [r for r in results["runs"] if r["modes"].get("peers")]

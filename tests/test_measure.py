@@ -43,3 +43,13 @@ def test_layer_bound_counts_layer_passes_per_token():
     assert measure.layer_bound_speedup(8, 4, 4, 4.25) == pytest.approx(4.25 * 8 / 24)
     # every draft accepted at E=2, d=3: 4 tokens for 4 x 2 + 6 = 14 layer passes
     assert measure.layer_bound_speedup(8, 2, 3, 4.0) == pytest.approx(32 / 14)
+
+
+def test_benchmark_rows_of_two_models_at_one_scheme_are_told_apart_by_path():
+    from runtime.bench import label_by_path_where_alike
+
+    runs = [{"label": "pte/xnnpack 8da4w", "artifact": "a/pte"}, {"label": "pte/xnnpack 8da4w", "artifact": "b/pte"},
+            {"label": "onnx/onnxruntime int4", "artifact": "a/onnx"}]
+    label_by_path_where_alike(runs)
+    assert [r["label"] for r in runs] == ["pte/xnnpack 8da4w (a/pte)", "pte/xnnpack 8da4w (b/pte)",
+                                          "onnx/onnxruntime int4"]
