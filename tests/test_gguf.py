@@ -72,7 +72,8 @@ def test_quantized_files_import_as_transformers_loads_them(tmp_path, qtype):
 @pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_files_import_as_transformers_loads_them(tmp_path, qtype):
     """K-quants (256-weight blocks; random blocks, as the gguf package cannot quantize to them) in a model
-    whose every 2-D weight is a whole number of blocks wide, Q/K rows in llama.cpp's order."""
+    whose every 2-D weight is a whole number of blocks wide; the import's Q/K row order must match the
+    loader's too."""
     source = tiny_hf_llama(tied=qtype != "Q6_K", hidden=256, heads=4, kv_heads=2, ffn=512)
     path = write_gguf(tmp_path / f"m-{qtype}.gguf", source, qtype)
     imported = ours(import_gguf(path, tmp_path / "ckpt"))
