@@ -42,6 +42,14 @@ DEFAULT_DRAFT_LENGTH = 4
 DEFAULT_GROUP_SIZE = {"pte": 32, "onnx": 128}
 
 
+def check_layout(target: str, size: int) -> None:
+    """A 4-bit layout the target supports: an ONNX MatMulNBits block size, else a .pte group size."""
+    from quant.onnx_schemes import check_block_size
+    from quant.torchao_schemes import check_group_size
+
+    (check_block_size if target == "onnx" else check_group_size)(size)
+
+
 @dataclass
 class ExportConfig:
     model: Path = DEFAULT_MODEL_DIR
@@ -76,13 +84,13 @@ class ExportConfig:
         if self.max_seq_len is not None and self.max_seq_len < self.max_tokens_per_call:
             raise UserError(f"--max-seq-len {self.max_seq_len} must be >= --max-tokens-per-call "
                             f"{self.max_tokens_per_call}.")
-        from quant.onnx_schemes import check_block_size, resolve_onnx_scheme
-        from quant.torchao_schemes import check_group_size, resolve_scheme
+        from quant.onnx_schemes import resolve_onnx_scheme
+        from quant.torchao_schemes import resolve_scheme
 
         for target in self.targets():  # reject an unknown scheme or layout before any work is done
             scheme = resolve_onnx_scheme(self.quant) if target == "onnx" else resolve_scheme(self.quant)
             if scheme != "none" and self.group_size is not None:
-                (check_block_size if target == "onnx" else check_group_size)(self.group_size)
+                check_layout(target, self.group_size)
 
     def group_size_for(self, target: str, config: ModelConfig, recommended: Optional[dict] = None) -> int:
         """target: "onnx", or "xnnpack" / "portable" / "pte" for the .pte; `recommended`: the checkpoint's
@@ -91,10 +99,7 @@ class ExportConfig:
             return self.group_size
         key = "onnx" if target == "onnx" else "pte"
         group = int((recommended or {}).get("group_size", {}).get(key, DEFAULT_GROUP_SIZE[key]))
-        from quant.onnx_schemes import check_block_size
-        from quant.torchao_schemes import check_group_size
-
-        (check_block_size if key == "onnx" else check_group_size)(group)
+        check_layout(target, group)
         widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim)
         while group > 16 and any(w % group for w in widths):
             group //= 2

@@ -76,7 +76,7 @@ def release_checkpoint_file(model: nn.Module) -> None:
     page of the file read so far stays mapped and counts as resident. On the 1B shape the norms alone
     kept 4.9 GB resident through lowering (7.4 -> 2.4 GB after quantization once copied out)."""
     for module in model.modules():
-        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
             if tensor is not None and type(tensor) in (torch.Tensor, nn.Parameter):
                 tensor.data = tensor.data.clone()
 
