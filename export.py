@@ -56,12 +56,15 @@ def parse_args(argv=None) -> ExportConfig:
                    help="adaptive drafting: stop a step's drafts when the exit's top-1 probability falls below "
                         "TAU; stored in the artifact as the runtime's default (default: the model's recommended, "
                         "else 0 = always d drafts)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help=".pte: lower the methods in up to N processes at once (default: the cores this process may "
+                        "use, e.g. under taskset, for models up to 300M parameters, else 1; 1: all in this process)")
     p.add_argument("--out", type=Path, default=d.out, help="output folder; artifacts go to OUT/pte and OUT/onnx")
     a = p.parse_args(argv)
     return ExportConfig(model=a.model, exit_layer=a.exit_layer, num_speculations=a.num_speculations, quant=a.quant,
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
                         backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache,
-                        draft_vocab=a.draft_vocab, draft_threshold=a.draft_threshold,
+                        draft_vocab=a.draft_vocab, draft_threshold=a.draft_threshold, jobs=a.jobs,
                         methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))
 
 

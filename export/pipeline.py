@@ -65,6 +65,7 @@ class ExportConfig:
     onnx_kv_cache: str = "gqa"  # "gqa" (ONNX Runtime contrib op, in-place) or "sdpa" (standard ops only)
     draft_vocab: int = 0  # K > 0: drafts exit through a head over the K most frequent tokens only
     draft_threshold: Optional[float] = None  # tau stored in the manifest; None: the checkpoint's recommended (or 0)
+    jobs: Optional[int] = None  # processes lowering .pte methods at once; None: the cores this process may use
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -79,6 +80,8 @@ class ExportConfig:
             raise UserError(f"--num-speculations {self.num_speculations} must be >= 1.")
         if self.draft_threshold is not None:
             check_draft_threshold(self.draft_threshold)
+        if self.jobs is not None and self.jobs < 1:
+            raise UserError(f"--jobs {self.jobs} must be >= 1 (1: lower every method in this process).")
         if self.draft_vocab < 0:
             raise UserError(f"--draft-vocab {self.draft_vocab} must be >= 0 (0: the full head).")
         if self.max_seq_len is not None and self.max_seq_len < self.max_tokens_per_call:

@@ -179,6 +179,63 @@ def test_lowering_skips_only_xnnpack_passes_that_exist_and_only_while_lowering()
     assert preprocess.XNNPACKPassManager is default
 
 
+def program_without_grad_flags(directory: Path) -> tuple:
+    """A .pte's program and data, with the requires_grad flags (which the runtime does not read) cleared."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary((directory / "model.pte").read_bytes())
+    return (str(pte.program).replace("requires_grad=True", "requires_grad=False"), pte.mutable_data, pte.named_data)
+
+
+def test_parallel_lowering_gives_the_same_program(tiny_checkpoint, per_channel_int4_pte, tmp_path):
+    """per_channel_int4_pte was lowered in as many processes as there are cores; this one the other way."""
+    from export.to_pte import default_jobs
+
+    other = export(tiny_checkpoint, tmp_path, quant="int4", group_size=0, methods=("draft", "verify"),
+                   jobs=1 if default_jobs() > 1 else 2)
+    assert program_without_grad_flags(per_channel_int4_pte.directory) == program_without_grad_flags(other.directory)
+    got = [call_sequence(open_artifact(m.directory).backend) for m in (per_channel_int4_pte, other)]
+    assert max_diff(got[0], got[1]) == 0.0
+
+
+def test_methods_are_grouped_by_their_layers_for_the_lowering_processes():
+    from export.to_pte import method_costs, method_groups
+
+    costs = method_costs(["draft", "verify", "forward"], num_layers=30, exit_layer=8, draft_length=4)
+    assert costs == {"draft": 9, "verify": 23, "forward": 31}
+    assert method_groups(costs, 1) == [["draft", "verify", "forward"]]
+    assert method_groups(costs, 2) == [["draft", "verify"], ["forward"]]
+    assert method_groups(costs, 8) == [["forward"], ["verify"], ["draft"]]
+
+
+def test_a_model_too_large_to_pay_is_lowered_in_one_process(small_vocab_model, monkeypatch):
+    import export.to_pte as to_pte
+
+    monkeypatch.setattr(to_pte.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert to_pte.default_jobs(small_vocab_model) == 2
+    monkeypatch.setattr(to_pte, "PARALLEL_LOWERING_MAX_PARAMETERS", 1000)
+    assert to_pte.default_jobs(small_vocab_model) == 1
+
+
+@pytest.mark.parametrize("failure,message", [("raise", "ValueError: no kernel"), ("exit", "exited with code 9")])
+def test_a_failed_lowering_process_fails_the_export(failure, message):
+    import os
+
+    from export.to_pte import in_processes
+
+    parent = os.getpid()
+
+    def lower_group(names):
+        if os.getpid() != parent:
+            if failure == "exit":
+                os._exit(9)
+            raise ValueError("no kernel")
+        return {}
+
+    with pytest.raises(RuntimeError, match=f"method.s. draft, verify in a child process failed: .*{message}"):
+        in_processes(lower_group, [["forward"], ["draft", "verify"]])
+
+
 def test_verify_method_holds_no_prefix_weights(tiny_checkpoint):
     from export.to_pte import prepare_for_executorch, trace
     from models.checkpoint import load_model
@@ -238,6 +295,7 @@ def test_manifest_that_does_not_match_the_pte_is_refused(fp32_pte, tmp_path):
     (["--exit-layer", "4"], "exit layer 4 is out of range"),
     (["--quant", "int3"], "unknown quantization scheme 'int3'"),
     (["--model", "/nonexistent"], "Checkpoint directory '/nonexistent' does not exist"),
+    (["--jobs", "0"], "--jobs 0 must be >= 1"),
 ])
 def test_export_cli_rejects_bad_input_in_one_line(tiny_checkpoint, tmp_path, flags, message):
     args = ["--model", str(tiny_checkpoint), "--out", str(tmp_path)] + flags
@@ -254,10 +312,10 @@ def test_failed_export_leaves_the_existing_artifact_untouched(tiny_checkpoint, f
     before = (out / "pte" / "model.pte").read_bytes()
     import export.to_pte as to_pte
 
-    def broken_lower(*args, **kwargs):
+    def broken_to_executorch(*args, **kwargs):
         raise RuntimeError("simulated failure while lowering")
 
-    monkeypatch.setattr(to_pte, "lower", broken_lower)
+    monkeypatch.setattr(to_pte, "to_executorch", broken_to_executorch)
     with pytest.raises(RuntimeError, match="simulated"):
         export(tiny_checkpoint, out)
     assert (out / "pte" / "model.pte").read_bytes() == before
