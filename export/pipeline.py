@@ -1,4 +1,5 @@
-"""Export as named stages: load -> quantize -> trace -> lower -> save, for .pte and .onnx targets.
+"""Export as named stages: load, then per target quantize -> trace and lower -> save (.pte) or
+trace -> quantize -> cut -> save -> check (.onnx).
 
 Each artifact is a directory (manifest.json, the model file(s), tokenizer.json), built in a
 temporary directory beside the target and renamed into place, so a failed export never touches

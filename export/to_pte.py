@@ -3,6 +3,7 @@
 Weights are stored once (the serializer keys constant data by content, so the LM head and final norm
 shared by the methods appear once) and one KV cache is shared by all methods
 (MemoryPlanningPass(share_mutable_buffers=True); without it the methods would each see their own).
+The methods are traced and delegated in up to one process per core (trace_and_lower).
 """
 
 from __future__ import annotations
