@@ -182,9 +182,9 @@ def trace_and_lower(model: Transformer, methods: list[str], exit_layer: int, max
                     backend: str, constants: dict[str, Any], jobs: int = 1):
     """lower(trace(...)), with the methods traced and delegated in up to `jobs` processes at once. Both are
     single-threaded Python, so on the 2 cores here the shipped model's draft + verify are lowered beside its
-    forward: the quick start's export 176 / 158 s -> 95 / 98 s wall (two alternations). The program is the same but for the requires_grad flags of some
-    constants, which the serializer does not keep and the runtime does not read
-    (test_parallel_lowering_gives_the_same_program)."""
+    forward: the quick start's export 176 / 158 s -> 95 / 98 s wall (two alternations). The program is the
+    same (jobs = 1: byte for byte the one lower() makes) but for the requires_grad flags of some constants,
+    which the serializer does not keep and the runtime does not read (test_parallel_lowering_gives_the_same_program)."""
     from executorch.exir import EdgeCompileConfig, EdgeProgramManager
 
     costs = method_costs(methods, model.config.num_hidden_layers, exit_layer, draft_length)
