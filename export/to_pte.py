@@ -334,8 +334,9 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     stages.run("quantize", quantize_model, model, scheme, cfg.group_size_for("pte", model.config, r.ckpt.recommended))
     prepare_for_executorch(model, r.max_seq_len)
     constants = runtime_constants(model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call)
+    jobs = cfg.jobs or default_jobs(model)
     program = stages.run("trace and lower", trace_and_lower, model, list(cfg.methods), r.exit_layer,
-                         cfg.max_tokens_per_call, r.num_speculations, backend, constants, cfg.jobs or default_jobs(model))
+                         cfg.max_tokens_per_call, r.num_speculations, backend, constants, jobs)
     stages.run("save", save, program, directory / "model.pte")
     return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
                          methods=list(cfg.methods), quant=scheme, backend=backend)
