@@ -254,9 +254,10 @@ def in_processes(fn: Callable[[list[str]], dict[str, ExportedProgram]],
             try:
                 status, payload = receive.recv()
             except EOFError:
-                child.join()
-                status, payload = "died", f"it exited with code {child.exitcode} (out of memory? pass --jobs 1)"
+                status, payload = "died", None
             child.join()
+            if status == "died":
+                payload = f"it exited with code {child.exitcode} (out of memory? pass --jobs 1)"
             if status != "ok":
                 raise RuntimeError(f"lowering method(s) {', '.join(group)} in a child process failed: {payload}")
             programs.update({n: deserialize_edge_program(fields) for n, fields in payload.items()})
