@@ -164,19 +164,25 @@ def test_layers_run_inside_xnnpack_apart_from_the_cache_ops(int4_pte):
     assert ops["aten::mean"] == 0 and ops["aten::slice_copy"] <= 1 and ops["executorch_prim::et_view"] == 0
 
 
-def test_lowering_skips_only_xnnpack_passes_that_exist_and_only_while_lowering():
-    """The skipped passes are named as executorch names them (a rename would silently keep them) and the
-    default pass list is back after lowering."""
+def test_lowering_skips_only_passes_that_exist_and_only_while_lowering():
+    """The passes named are named as executorch names them (a rename would silently keep them) and the
+    default pass lists are back after lowering."""
     import executorch.backends.xnnpack.xnnpack_preprocess as preprocess
-    from export.to_pte import UNUSED_XNNPACK_PASSES, without_unused_xnnpack_passes
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig
+    from executorch.exir.program import _program
+    from export.idle_passes import UNUSED_XNNPACK_PASSES, idle_passes_skipped, pass_name, pass_needs
 
-    default = preprocess.XNNPACKPassManager
-    every = [p.__name__ for p in default(None).passes]
-    assert set(UNUSED_XNNPACK_PASSES) < set(every)
-    with without_unused_xnnpack_passes():
-        used = [p.__name__ for p in preprocess.XNNPACKPassManager(None).passes]
-    assert used == [p for p in every if p not in UNUSED_XNNPACK_PASSES] and "ConvertToLinearPass" in used
-    assert preprocess.XNNPACKPassManager is default
+    def names():
+        edge = _program._get_aten_to_edge_passes(EdgeCompileConfig())
+        return ([p.__name__ for p in preprocess.XNNPACKPassManager(None).passes],
+                [pass_name(p) for p in edge[0] + edge[1] + _program.edge_to_executorch_passes(ExecutorchBackendConfig())])
+
+    xnnpack, other = names()
+    assert set(UNUSED_XNNPACK_PASSES) < set(xnnpack) and set(pass_needs()) < set(xnnpack + other)
+    with idle_passes_skipped():
+        assert names() == ([p for p in xnnpack if p not in UNUSED_XNNPACK_PASSES], other)
+        assert preprocess.XNNPACKPassManager(None).passes[1].call is not preprocess.XNNPACKPassManager.__base__(None).passes[1].call
+    assert names() == (xnnpack, other)
 
 
 def program_without_grad_flags(directory: Path) -> tuple:
@@ -196,6 +202,29 @@ def test_parallel_lowering_gives_the_same_program(tiny_checkpoint, per_channel_i
     assert program_without_grad_flags(per_channel_int4_pte.directory) == program_without_grad_flags(other.directory)
     got = [call_sequence(open_artifact(m.directory).backend) for m in (per_channel_int4_pte, other)]
     assert max_diff(got[0], got[1]) == 0.0
+
+
+@pytest.mark.parametrize("quant,backend,methods", [("int4", "xnnpack", ("draft",)),
+                                                   ("none", "xnnpack", ("verify",)), ("none", "portable", ("draft",))])
+def test_fast_lowering_gives_executorchs_program(tiny_checkpoint, quant, backend, methods, tmp_path, monkeypatch):
+    """Our delegate() + to_executorch() (one decomposition, idle passes skipped) against ExecuTorch's own
+    to_edge_transform_and_lower + to_executorch with every pass, on the same model and methods."""
+    from contextlib import nullcontext
+
+    import export.to_pte as to_pte
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    def executorchs_delegate(programs, backend, constants=None):
+        return to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()] if backend == "xnnpack" else [],
+                                           constant_methods=constants,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+
+    ours = export(tiny_checkpoint, tmp_path / "ours", quant=quant, methods=methods, backend=backend, jobs=1)
+    monkeypatch.setattr(to_pte, "delegate", executorchs_delegate)
+    monkeypatch.setattr(to_pte, "idle_passes_skipped", nullcontext)
+    theirs = export(tiny_checkpoint, tmp_path / "theirs", quant=quant, methods=methods, backend=backend, jobs=1)
+    assert program_without_grad_flags(ours.directory) == program_without_grad_flags(theirs.directory)
 
 
 def test_methods_are_grouped_by_their_layers_for_the_lowering_processes():
