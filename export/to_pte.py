@@ -144,7 +144,7 @@ def delegate(programs: dict[str, ExportedProgram], backend: str, constants: Opti
       takes whole; decompose those of them it then rejects): each is a full re-trace with fake tensors.
       This one keeps every op XNNPACK takes whole (aten.linear) as it is;
     - the lowering passes skipped on graphs they would not change (export/idle_passes.py).
-    The shipped model's quick-start export: 108 -> 72 s wall (to be updated)."""
+    With both, the quick start's export 104.5 / 122.3 s -> 50.5 / 48.9 s wall (two alternations)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, EdgeProgramManager
     from executorch.exir.program import _program
@@ -194,9 +194,10 @@ def trace_and_lower(model: Transformer, methods: list[str], exit_layer: int, max
                     backend: str, constants: dict[str, Any], jobs: int = 1):
     """lower(trace(...)), with the methods traced and delegated in up to `jobs` processes at once. Both are
     single-threaded Python, so on the 2 cores here the shipped model's draft + verify are lowered beside its
-    forward: the quick start's export 176 / 158 s -> 95 / 98 s wall (two alternations). The program is the
-    same (jobs = 1: byte for byte the one lower() makes) but for the requires_grad flags of some constants,
-    which the serializer does not keep and the runtime does not read (test_parallel_lowering_gives_the_same_program)."""
+    forward: the quick start's export 176 / 158 s -> 95 / 98 s wall (two alternations, before delegate()
+    re-traced less). The program is the same (jobs = 1: byte for byte the one lower() makes) but for the
+    requires_grad flags of some constants, which the serializer does not keep and the runtime does not read
+    (test_parallel_lowering_gives_the_same_program)."""
     from executorch.exir import EdgeCompileConfig, EdgeProgramManager
 
     costs = method_costs(methods, model.config.num_hidden_layers, exit_layer, draft_length)
@@ -231,16 +232,10 @@ def default_jobs(model: Optional[Transformer] = None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# A graph's lowering time grows faster than its layer count: SmolLM2's forward (31 layers with the head)
-# took 119.5 s to trace and delegate, its draft + verify (9 + 23) 106 s; the shipped model's forward (9)
-# 40 s, its draft + verify (5 + 5) 36 s. Costs of layers ** 1.3 rank them so.
-LOWERING_COST_EXPONENT = 1.3
-
-
-def method_costs(methods: list[str], num_layers: int, exit_layer: int, draft_length: int) -> dict[str, float]:
-    """Lowering work per method, from its graph's size in layers (the head and embedding count as one)."""
+def method_costs(methods: list[str], num_layers: int, exit_layer: int, draft_length: int) -> dict[str, int]:
+    """Lowering work per method, in layers (its graph's size; the head and embedding count as one)."""
     layers = {"draft": exit_layer, "verify": num_layers - exit_layer, "draft_greedy": exit_layer * (draft_length + 1)}
-    return {m: (layers.get(m, num_layers) + 1) ** LOWERING_COST_EXPONENT for m in methods}
+    return {m: layers.get(m, num_layers) + 1 for m in methods}
 
 
 def method_groups(costs: dict[str, int], jobs: int) -> list[list[str]]:

@@ -231,11 +231,10 @@ def test_methods_are_grouped_by_their_layers_for_the_lowering_processes():
     from export.to_pte import method_costs, method_groups
 
     costs = method_costs(["draft", "verify", "forward"], num_layers=30, exit_layer=8, draft_length=4)
-    assert costs == pytest.approx({"draft": 9 ** 1.3, "verify": 23 ** 1.3, "forward": 31 ** 1.3})
+    assert costs == {"draft": 9, "verify": 23, "forward": 31}
     assert method_groups(costs, 1) == [["draft", "verify", "forward"]]
-    assert method_groups(costs, 2) == [["forward"], ["draft", "verify"]]  # the heaviest group in this process
+    assert method_groups(costs, 2) == [["draft", "verify"], ["forward"]]
     assert method_groups(costs, 8) == [["forward"], ["verify"], ["draft"]]
-    assert method_groups(method_costs(["draft", "verify", "forward"], 8, 4, 4), 2) == [["forward"], ["draft", "verify"]]
 
 
 def test_a_model_too_large_to_pay_is_lowered_in_one_process(small_vocab_model, monkeypatch):

@@ -82,6 +82,23 @@ def test_k_quant_files_import_as_transformers_loads_them(tmp_path, qtype):
     assert (imported - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max().item())
 
 
+def test_an_import_parses_the_file_once(tmp_path, monkeypatch):
+    """check, config, tensors and tokenizer share one GGUFReader (each parses all of the file's metadata)."""
+    import gguf
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_hf_llama(tied=True))
+    opened = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    import_gguf(path, tmp_path / "ckpt")
+    assert len(opened) == 1 and gguf.GGUFReader is CountingReader
+
+
 def test_bad_files_are_one_clear_error(tmp_path):
     source = tiny_hf_llama()
     with pytest.raises(UserError, match="holds a 'gpt2' model; only the llama architecture"):
