@@ -2,9 +2,9 @@
 
 Every ExportPass re-traces its whole graph with fake tensors under the symbolic token count, whether
 or not it rewrites anything: 1.5-2 s per pass and method here for the shipped model, a quarter of a
-second per delegated subgraph, and most of the .pte export's time. For each pass below, `needs`
-names what it rewrites (from the pass's own code); a graph without it keeps the pass's input, which a
-re-trace would only have rebuilt. The .pte stays the same program
+second per delegated subgraph, and most of the .pte export's time. pass_needs() tells, for each pass it
+names, whether a graph holds what the pass rewrites (read from the pass's own code); a graph that does
+not keeps the pass's input, which a re-trace would only have rebuilt. The .pte stays the same program
 (tests/test_executorch.py: test_fast_lowering_gives_executorchs_program).
 """
 
@@ -35,8 +35,9 @@ def calls_named(*names: str) -> Callable[[Graph], bool]:
 
 
 def has_constant_call(graph: Graph) -> bool:
-    """A call without graph inputs: ConstPropPass folds those (and what they feed)."""
-    return any(n.op == "call_function" and not n.all_input_nodes for n in graph.nodes)
+    """A call whose inputs are all constants held by the graph (or none): ConstPropPass folds those and
+    what they feed (placeholders, weights included, are fake tensors to it)."""
+    return any(n.op == "call_function" and all(i.op == "get_attr" for i in n.all_input_nodes) for n in graph.nodes)
 
 
 def has_custom_meta(graph: Graph) -> bool:
@@ -48,7 +49,7 @@ def has_view_op(graph: Graph) -> bool:
 
 
 def tensor_arguments(node) -> list:
-    """(value, schema argument) for each argument of a call whose schema types it as a Tensor."""
+    """The values a call passes where its schema takes a Tensor."""
     schema = getattr(node.target, "_schema", None)
     if node.op != "call_function" or schema is None:
         return []
@@ -112,11 +113,16 @@ def pass_name(p) -> str:
     return getattr(p, "__name__", None) or type(p).__name__
 
 
+def any_graph(graph_module, needed: Callable[[Graph], bool]) -> bool:
+    """needed() of the module's graph or of any graph nested in it (control flow)."""
+    return any(needed(m.graph) for m in graph_module.modules() if isinstance(m, torch.fx.GraphModule))
+
+
 def when_needed_class(pass_type: type, needed: Callable[[Graph], bool]) -> type:
     """pass_type, doing nothing (and re-tracing nothing) on a graph that needed() rejects."""
 
     def call(self, graph_module):
-        return pass_type.call(self, graph_module) if needed(graph_module.graph) else PassResult(graph_module, False)
+        return pass_type.call(self, graph_module) if any_graph(graph_module, needed) else PassResult(graph_module, False)
 
     return type(pass_type.__name__, (pass_type,), {"call": call})
 
@@ -125,7 +131,7 @@ def when_needed(p, needed: Callable[[Graph], bool]):
     """A pass instance (or wrapped function) run only on a graph that needed() accepts."""
 
     def run(graph_module):
-        return p(graph_module) if needed(graph_module.graph) else PassResult(graph_module, False)
+        return p(graph_module) if any_graph(graph_module, needed) else PassResult(graph_module, False)
 
     run.__name__ = pass_name(p)
     return run
