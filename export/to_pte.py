@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -209,9 +210,11 @@ def trace_and_lower(model: Transformer, methods: list[str], exit_layer: int, max
         edge = delegate(trace(model, names, exit_layer, max_tokens, draft_length), backend)
         return {n: edge.exported_program(n) for n in names}
 
-    programs = in_processes(trace_and_delegate, groups)
-    return to_executorch(EdgeProgramManager({n: programs[n] for n in methods}, constant_methods=constants,
-                                            compile_config=EdgeCompileConfig(_check_ir_validity=False)))
+    with warnings.catch_warnings():  # ~40 FutureWarnings and UserWarnings from torch / executorch internals
+        warnings.simplefilter("ignore")
+        programs = in_processes(trace_and_delegate, groups)
+        return to_executorch(EdgeProgramManager({n: programs[n] for n in methods}, constant_methods=constants,
+                                                compile_config=EdgeCompileConfig(_check_ir_validity=False)))
 
 
 # Lowering in several processes pays for small models only. Measured on 2 cores: SmolLM2-135M's .pte
