@@ -138,7 +138,12 @@ def when_needed(p, needed: Callable[[Graph], bool]):
 
 
 def skip_idle(passes: list, needs: dict) -> list:
-    return [when_needed(p, needs[pass_name(p)]) if pass_name(p) in needs else p for p in passes]
+    """passes (classes, instances or wrapped functions), each one named in needs run only where needed."""
+
+    def wrap(p):
+        return (when_needed_class if isinstance(p, type) else when_needed)(p, needs[pass_name(p)])
+
+    return [wrap(p) if pass_name(p) in needs else p for p in passes]
 
 
 @contextmanager
@@ -155,8 +160,7 @@ def idle_passes_skipped():
     class NeededPasses(default_manager):
         def __init__(self, exported_program, passes=None):
             super().__init__(exported_program, passes)
-            self.passes = [when_needed_class(p, needs[p.__name__]) if p.__name__ in needs else p
-                           for p in self.passes if p.__name__ not in UNUSED_XNNPACK_PASSES]
+            self.passes = skip_idle([p for p in self.passes if p.__name__ not in UNUSED_XNNPACK_PASSES], needs)
 
     def edge_passes(config):
         pre, post = default_edge_passes(config)
