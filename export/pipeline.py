@@ -170,7 +170,7 @@ def resolve(cfg: ExportConfig) -> Resolved:
 
 def versions() -> dict[str, str]:
     out = {}
-    for pkg in ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxscript"):
+    for pkg in ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

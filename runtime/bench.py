@@ -46,6 +46,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     repeats: int = 3
     threads: int = 0
+    provider: str = "cpu"  # ONNX Runtime's execution provider for .onnx artifacts: cpu or cuda
     rss: bool = True
     peers: bool = False
     baselines: bool = False
@@ -66,6 +67,8 @@ class BenchConfig:
             raise UserError("--repeats and --limit must be >= 1 and --max-new-tokens >= 2.")
         if any(p < 1 for p in self.positions):
             raise UserError(f"--positions {' '.join(map(str, self.positions))}: each must be >= 1.")
+        if self.provider not in ("cpu", "cuda"):
+            raise UserError(f"--provider {self.provider}: choose cpu or cuda.")
         if not (self.artifacts or self.export or self.eager or self.sweep or self.rss_only):
             raise UserError("nothing to benchmark: pass --artifact DIR, --export, --eager or --sweep.")
 
@@ -84,7 +87,22 @@ def machine() -> dict:
     import os
 
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **gpus()}
+
+
+def gpus() -> dict:
+    """{"gpus": [names]} as nvidia-smi lists them; {} without an NVIDIA driver."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return {}
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"gpus": [n.strip() for n in names if n.strip()]}
 
 
 def encode_prompts(opened: Opened, texts: list[str], max_new_tokens: int) -> tuple[list[list[int]], int]:
@@ -120,6 +138,8 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
                                          tau=opened.draft_threshold, peers=peers)}
     for name, facts in built.items():
         record["modes"]["peers"][name].update(facts)
+    if spec.get("provider", "cpu") != "cpu":
+        record.update(against_cpu_provider(opened, spec, prompts, windows, cfg))
     if cfg.positions:  # how each call's cost grows with the cache (attention reads every earlier position)
         last = measure.last_step_position(opened.backend, d)
         record["calls_ms_by_position"] = {str(min(p, last)): measure.per_call_latency(opened.backend, d, p, n=30)
@@ -137,6 +157,22 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
           f"{max(m[k]['decode_tokens_per_s'] for k in ('ar', 'ar_full') if k in m):.1f} -> {m.get('speedup', 0):.2f}x, "
           f"acceptance {m['spec']['acceptance_rate']:.2f}", file=sys.stderr, flush=True)
     return record
+
+
+def against_cpu_provider(opened: Opened, spec: dict, prompts: list[list[int]], windows: list[list[int]],
+                         cfg: BenchConfig) -> dict:
+    """The same artifact on ONNX Runtime's CPU provider: the fraction of prompts whose greedy tokens
+    (autoregressive and self-speculative on this provider) equal the CPU provider's autoregressive
+    tokens, and the CPU provider's held-out loss."""
+    cpu = open_target({**spec, "provider": "cpu"}, cfg.threads)
+    eos, d, tau = tuple(opened.eos_token_ids), opened.num_speculations, opened.draft_threshold
+    reference = measure.greedy_tokens(cpu.backend, prompts, measure.mode_config("ar", d, cfg.max_new_tokens, eos))
+    identical = {}
+    for mode in ("ar", "spec"):
+        tokens = measure.greedy_tokens(opened.backend, prompts, measure.mode_config(mode, d, cfg.max_new_tokens, eos, tau))
+        identical[mode] = sum(a == b for a, b in zip(tokens, reference)) / len(prompts)
+    return {"greedy_identical_to_cpu_provider": identical,
+            "heldout_cpu_provider": measure.heldout_quality(cpu.backend, windows)}
 
 
 def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, dict]:
@@ -285,13 +321,13 @@ def label_by_path_where_alike(runs: list[dict]) -> None:
 def run_benchmarks(cfg: BenchConfig) -> dict:
     texts = [p["prompt"] for p in prompt_set(cfg.prompts)[:cfg.limit]]
     artifacts = list(cfg.artifacts) + (export_grid(cfg) if cfg.export else [])
-    specs = [{"kind": "artifact", "path": str(a)} for a in artifacts]
+    specs = [{"kind": "artifact", "path": str(a), "provider": cfg.provider} for a in artifacts]
     if cfg.eager:
         specs.append({"kind": "eager", "path": str(cfg.model)})
     results = {"machine": machine(), "settings": settings(cfg), "runs": []}
     for spec in specs:
         opened = open_target(spec, cfg.threads)
-        label = artifact_label(opened.facts)
+        label = artifact_label(opened.facts) + (f" on {cfg.provider}" if spec.get("provider", "cpu") != "cpu" else "")
         results["runs"].append(bench_one(label, opened, spec, texts, cfg))
         del opened
     label_by_path_where_alike(results["runs"])
@@ -454,6 +490,16 @@ def markdown(results: dict) -> str:
                                                           app.get("spec")))]
             lines.append("| " + " | ".join(cells) + " |")
     lines += positions_table(results["runs"])
+    on_gpu = [r for r in results["runs"] if "greedy_identical_to_cpu_provider" in r]
+    if on_gpu:
+        lines += ["", "The same artifact on ONNX Runtime's CPU provider (GPU: "
+                  f"{', '.join(mach.get('gpus', [])) or 'unknown'}):", "",
+                  "| artifact | held-out loss here | on the CPU provider | greedy AR tokens == CPU AR | "
+                  "greedy self-spec tokens == CPU AR |", "|" + "---|" * 5]
+        for r in on_gpu:
+            same = r["greedy_identical_to_cpu_provider"]
+            lines.append(f"| {r['label']} | {r['heldout']['loss']:.4f} | {r['heldout_cpu_provider']['loss']:.4f} | "
+                         f"{same['ar']:.0%} | {same['spec']:.0%} |")
     with_peers = [r for r in results["runs"] if r["modes"].get("peers")]
     if with_peers:
         lines += ["", "Against the fastest plain decoder of the same format, same checkpoint, bits and block size "
@@ -567,6 +613,9 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--provider", choices=("cpu", "cuda"), default=d.provider,
+                   help="ONNX Runtime execution provider for .onnx artifacts; with cuda each run also decodes on "
+                        "the CPU provider and records whether the tokens are identical")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes (one process per mode)")
     p.add_argument("--peers", action="store_true",
                    help="beside each artifact, the plain decoding of the same checkpoint, bits and group size by "
@@ -591,7 +640,7 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
         return BenchConfig(out=a.out, rss_only=True)
     return BenchConfig(artifacts=a.artifact, export=a.export, model=a.model, eager=a.eager, prompts=a.prompts,
                        limit=a.limit, max_new_tokens=a.max_new_tokens, repeats=a.repeats, threads=a.threads,
-                       rss=not a.no_rss, peers=a.peers, baselines=a.baselines, peer_limit=a.peer_limit, sweep=a.sweep,
+                       provider=a.provider, rss=not a.no_rss, peers=a.peers, baselines=a.baselines, peer_limit=a.peer_limit, sweep=a.sweep,
                        exit_layers=tuple(a.exit_layers), draft_lengths=tuple(a.draft_lengths),
                        draft_thresholds=tuple(a.draft_thresholds), sweep_target=a.sweep_target,
                        sweep_quant=a.sweep_quant, write_recommended=a.write_recommended, out=a.out,

@@ -87,6 +87,9 @@ def open_artifact(artifact_dir: Path | str, provider: str = "cpu", threads: int 
     """The backend an exported artifact directory holds, checked against its manifest; the `preload`
     methods (default: those self-speculation calls) are loaded now, and so checked; the others when first called."""
     manifest = read_manifest(artifact_dir)
+    if provider != "cpu" and manifest.format != "onnx":
+        raise UserError(f"--provider {provider} runs .onnx artifacts; '{artifact_dir}' is a .pte, which runs on the "
+                        f"CPU (XNNPACK or portable kernels): drop --provider or pass the ONNX artifact.")
     if exit_layer is not None and exit_layer != manifest.exit_layer:
         raise UserError(f"artifact '{artifact_dir}' was exported with exit layer {manifest.exit_layer}; "
                         f"drop --exit-layer or re-export with --exit-layer {exit_layer}.")
@@ -106,7 +109,8 @@ def open_artifact(artifact_dir: Path | str, provider: str = "cpu", threads: int 
 
 
 def open_target(spec: dict, threads: int = 0, preload: Optional[tuple[str, ...]] = None) -> Opened:
-    """A benchmark target: {"kind": "eager", "path": checkpoint} or {"kind": "artifact", "path": artifact}."""
+    """A benchmark target: {"kind": "eager", "path": checkpoint} or {"kind": "artifact", "path": artifact,
+    "provider": "cpu" or "cuda" (ONNX Runtime's execution provider; default cpu)}."""
     if spec["kind"] == "eager":
         return open_checkpoint(spec["path"], threads=threads)
-    return open_artifact(spec["path"], threads=threads, preload=preload)
+    return open_artifact(spec["path"], provider=spec.get("provider", "cpu"), threads=threads, preload=preload)

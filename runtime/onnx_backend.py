@@ -3,8 +3,14 @@
 Nothing large is copied between calls: each layer's KV cache is one buffer bound as both the
 `past` input and the `present` output (GroupQueryAttention updates it in place), and the layer-E
 hidden states are written by `draft` straight into the exit cache and read from it by `verify`,
-by binding pointers into that buffer. With the CUDA provider those buffers live on the GPU and
-only tokens, positions and logits cross to the host.
+by binding pointers into that buffer.
+
+With the CUDA provider the exit cache lives on the GPU and the KV caches stay on the host: ONNX
+Runtime's CUDA GroupQueryAttention takes fp16/bf16 only, so in our fp32-activation graphs that node
+runs on the CPU provider and updates the cache in place only where the cache is host memory (with
+caches bound on the GPU, the first call's logits matched the CPU provider's and every later call's
+were wrong, on an H100); the standard-ops (sdpa) graphs read a host cache like any input. Tokens,
+positions and logits cross to the host too.
 """
 
 from __future__ import annotations
@@ -79,15 +85,18 @@ class OnnxMethod:
         meta = self.session.get_modelmeta().custom_metadata_map
         check_fact(manifest, f"{name}.onnx exit_layer", int(meta["layerskip.exit_layer"]), manifest.exit_layer)
         check_fact(manifest, f"{name}.onnx max_seq_len", int(meta["layerskip.max_seq_len"]), manifest.max_seq_len)
+        self.device = device
         self.binding = self.session.io_binding()
         self.bound: dict[str, tuple] = {}  # name -> (pointer, shape) last bound: unchanged ones are not re-bound
         self.layers = method_layers(name, manifest.exit_layer, manifest.shape.num_layers)
         self.present_names = cache_output_names(self.layers)
         self.shared_cache = meta.get("layerskip.kv_cache", "gqa") == "gqa"
+        self.past_buffers: list[tuple[str, object]] = []
         for i, past, present in zip([l for l in self.layers for _ in (0, 1)], cache_input_names(self.layers),
                                     cache_output_names(self.layers)):
             buffer = caches[i][0 if past.startswith("past_key") else 1]
             self.binding.bind_ortvalue_input(past, buffer)
+            self.past_buffers.append((past, buffer))
             if self.shared_cache:
                 self.binding.bind_ortvalue_output(present, buffer)
             else:
@@ -95,13 +104,18 @@ class OnnxMethod:
 
     def bind_pointer(self, name: str, is_output: bool, device: str, shape, pointer: int,
                      dtype=np.float32) -> None:
-        if self.bound.get(name) == (pointer, tuple(shape)):
+        # ONNX Runtime copies an input held elsewhere than the device that reads it when it is bound,
+        # not when the graph runs: host inputs of a CUDA session are bound again every call
+        if self.bound.get(name) == (pointer, tuple(shape)) and (is_output or device == self.device):
             return
         bind = self.binding.bind_output if is_output else self.binding.bind_input
         bind(name, device, 0, dtype, list(shape), pointer)
         self.bound[name] = (pointer, tuple(shape))
 
     def run(self) -> None:
+        if self.device != "cpu" and not self.shared_cache:  # host caches read by CUDA nodes: bound again (copied)
+            for past, buffer in self.past_buffers:
+                self.binding.bind_ortvalue_input(past, buffer)
         if not self.shared_cache:  # new rows have a new shape each call: let ONNX Runtime allocate them
             for name in self.present_names:
                 self.binding.bind_output(name, "cpu")
@@ -138,7 +152,7 @@ class OnnxBackend:
         providers_for(provider)  # a clear error before any allocation
         self._host_arrays: dict[int, np.ndarray] = {}
         shape = [1, c.num_kv_heads, self.max_seq_len, c.head_dim]
-        self.caches = [(self._buffer(ort, shape), self._buffer(ort, shape)) for _ in range(self.num_layers)]
+        self.caches = [(self._host_buffer(ort, shape), self._host_buffer(ort, shape)) for _ in range(self.num_layers)]
         self.exit_cache = self._buffer(ort, [self.max_seq_len, self.dim])
         self.logits = np.zeros((self.max_tokens_per_call, c.vocab_size), np.float32)
         # token ids and position live in two host arrays bound by pointer: a call writes them in place
@@ -154,11 +168,15 @@ class OnnxBackend:
             self._sessions[name] = OnnxMethod(self.manifest, name, self.device, self.threads, self.caches)
         return self._sessions[name]
 
+    def _host_buffer(self, ort, shape):
+        host = np.zeros(shape, np.float32)
+        self._host_arrays[id(host)] = host  # an OrtValue made from numpy borrows its memory: keep it alive
+        return ort.OrtValue.ortvalue_from_numpy(host)
+
     def _buffer(self, ort, shape):
+        """On the provider's device: host memory for cpu, GPU memory for cuda."""
         if self.device == "cpu":
-            host = np.zeros(shape, np.float32)
-            self._host_arrays[id(host)] = host  # an OrtValue made from numpy borrows its memory: keep it alive
-            return ort.OrtValue.ortvalue_from_numpy(host)
+            return self._host_buffer(ort, shape)
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
 
     def _exit_rows(self, pos: int) -> int:

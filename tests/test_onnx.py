@@ -157,6 +157,76 @@ def test_cuda_without_a_gpu_is_a_clear_error(fp32_onnx):
         open_artifact(fp32_onnx.directory, provider="cuda")
 
 
+class RecordingBinding:
+    """An I/O binding that records which names are bound, then binds them on the real one."""
+
+    def __init__(self, binding):
+        self.binding, self.bound = binding, []
+
+    def __getattr__(self, attr):
+        fn = getattr(self.binding, attr)
+        if not attr.startswith("bind_"):
+            return fn
+
+        def record(name, *args):
+            self.bound.append(name)
+            return fn(name, *args)
+        return record
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_host_inputs_are_bound_again_every_call_only_on_another_device(fp32_onnx, device):
+    """ONNX Runtime copies a host input of a CUDA session to the GPU when it is bound, not when it runs:
+    bound once, every later call read the first call's tokens and position (wrong tokens from the
+    second call on, seen on an H100). The CPU provider reads the bound memory itself: bound once."""
+    backend = open_artifact(fp32_onnx.directory).backend
+    method = backend._get("draft")
+    method.device = device  # the binding rule alone: the session itself stays on the CPU here
+    method.binding = RecordingBinding(method.binding)
+    backend.draft([5], 3)
+    method.binding.bound.clear()
+    backend.draft([6], 4)
+    inputs = {"tokens", "input_pos"} & set(method.binding.bound)
+    assert inputs == ({"tokens", "input_pos"} if device == "cuda" else set())
+    assert "logits" not in method.binding.bound  # an output is written where it is bound: once is enough
+
+
+def test_cuda_provider_decodes_as_the_cpu_provider(fp32_onnx):
+    """Needs a GPU (skipped here): greedy tokens on CUDA, plain and self-speculative, equal the CPU
+    provider's, and held-out loss agrees."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA provider (onnxruntime-gpu and an NVIDIA GPU)")
+    from runtime.bench import BenchConfig, against_cpu_provider
+    from runtime.measure import heldout_windows
+
+    opened = open_artifact(fp32_onnx.directory, provider="cuda")
+    prompts = [PROMPT, PROMPT[:4]]
+    windows = heldout_windows(opened.tokenizer.tokenizer, opened.tokenizer.bos_token_id or 0, opened.eos_token_ids[0],
+                              count=2, length=64)
+    spec = {"kind": "artifact", "path": str(fp32_onnx.directory), "provider": "cuda"}
+    r = against_cpu_provider(opened, spec, prompts, windows, BenchConfig(artifacts=[fp32_onnx.directory],
+                                                                          max_new_tokens=24))
+    assert r["greedy_identical_to_cpu_provider"] == {"ar": 1.0, "spec": 1.0}
+
+
+def test_benchmark_compares_a_provider_with_the_cpu_provider(fp32_onnx):
+    """The comparison `runtime.bench --provider cuda` records; against itself on the CPU it is exact."""
+    from runtime.bench import BenchConfig, against_cpu_provider
+    from runtime.measure import heldout_quality, heldout_windows
+
+    opened = open_artifact(fp32_onnx.directory)
+    prompts = [PROMPT]
+    windows = heldout_windows(opened.tokenizer.tokenizer, opened.tokenizer.bos_token_id or 0, opened.eos_token_ids[0],
+                              count=2, length=64)
+    spec = {"kind": "artifact", "path": str(fp32_onnx.directory), "provider": "cpu"}
+    r = against_cpu_provider(opened, spec, prompts, windows, BenchConfig(artifacts=[fp32_onnx.directory],
+                                                                          max_new_tokens=24))
+    assert r["greedy_identical_to_cpu_provider"] == {"ar": 1.0, "spec": 1.0}
+    assert r["heldout_cpu_provider"]["loss"] == pytest.approx(heldout_quality(opened.backend, windows)["loss"])
+
+
 def test_8bit_embedding_gathers_the_dequantized_rows():
     """quantize_gathers_8bit: ONNX Runtime's GatherBlockQuantized returns each row within half a step."""
     import numpy as np
