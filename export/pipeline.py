@@ -1,4 +1,4 @@
-"""Export as named stages: load, then per target quantize -> trace and lower -> save (.pte) or
+"""Export as named stages: load, then per target quantize -> trace, lower and save (.pte) or
 trace -> quantize -> cut -> save -> check (.onnx).
 
 Each artifact is a directory (manifest.json, the model file(s), tokenizer.json), built in a

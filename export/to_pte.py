@@ -3,7 +3,8 @@
 Weights are stored once (the serializer keys constant data by content, so the LM head and final norm
 shared by the methods appear once) and one KV cache is shared by all methods
 (MemoryPlanningPass(share_mutable_buffers=True); without it the methods would each see their own).
-The methods are traced and delegated in up to one process per core (trace_and_lower).
+The methods are traced and delegated in up to one process per core (trace_and_lower); the process
+that finishes lowering first hands its programs to the other, which serializes the .pte.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim, ExportedProgram, export
 
-from export.idle_passes import idle_passes_skipped
+from export.idle_passes import delegates_not_rerun, idle_passes_skipped
 from export.methods import example_inputs, has_dynamic_tokens, method_module
 from models.model import Attention, RMSNorm, Transformer
 
@@ -182,7 +183,7 @@ def to_executorch(edge):
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    with idle_passes_skipped():
+    with idle_passes_skipped(), delegates_not_rerun():
         return edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
             do_quant_fusion_and_const_prop=True,  # folds the quantized embedding's dequantize into its lookup
@@ -192,13 +193,13 @@ def to_executorch(edge):
 
 
 def trace_and_lower(model: Transformer, methods: list[str], exit_layer: int, max_tokens: int, draft_length: int,
-                    backend: str, constants: dict[str, Any], jobs: int = 1):
-    """lower(trace(...)), with the methods traced and delegated in up to `jobs` processes at once. Both are
-    single-threaded Python, so on the 2 cores here the shipped model's draft + verify are lowered beside its
-    forward: the quick start's export 176 / 158 s -> 95 / 98 s wall (two alternations, before delegate()
-    re-traced less). The program is the same (jobs = 1: byte for byte the one lower() makes) but for the
-    requires_grad flags of some constants, which the serializer does not keep and the runtime does not read
-    (test_parallel_lowering_gives_the_same_program)."""
+                    backend: str, constants: dict[str, Any], path: Path, jobs: int = 1) -> None:
+    """save(lower(trace(...)), path), with the methods traced and delegated in up to `jobs` processes at
+    once. Both are single-threaded Python, so on the 2 cores here the shipped model's draft + verify are
+    lowered beside its forward: the quick start's export 176 / 158 s -> 95 / 98 s wall (two alternations,
+    before delegate() re-traced less). The program is the same (jobs = 1: byte for byte the one lower()
+    makes) but for the requires_grad flags of some constants, which the serializer does not keep and the
+    runtime does not read (test_parallel_lowering_gives_the_same_program)."""
     from executorch.exir import EdgeCompileConfig, EdgeProgramManager
 
     costs = method_costs(methods, model.config.num_hidden_layers, exit_layer, draft_length)
@@ -210,11 +211,13 @@ def trace_and_lower(model: Transformer, methods: list[str], exit_layer: int, max
         edge = delegate(trace(model, names, exit_layer, max_tokens, draft_length), backend)
         return {n: edge.exported_program(n) for n in names}
 
+    def finish(programs: dict[str, ExportedProgram]) -> None:
+        save(to_executorch(EdgeProgramManager({n: programs[n] for n in methods}, constant_methods=constants,
+                                              compile_config=EdgeCompileConfig(_check_ir_validity=False))), path)
+
     with warnings.catch_warnings():  # ~40 FutureWarnings and UserWarnings from torch / executorch internals
         warnings.simplefilter("ignore")
-        programs = in_processes(trace_and_delegate, groups)
-        return to_executorch(EdgeProgramManager({n: programs[n] for n in methods}, constant_methods=constants,
-                                                compile_config=EdgeCompileConfig(_check_ir_validity=False)))
+        in_processes(trace_and_delegate, groups, finish)
 
 
 # Lowering in several processes pays for small models only. Measured on 2 cores: SmolLM2-135M's .pte
@@ -250,49 +253,76 @@ def method_groups(costs: dict[str, int], jobs: int) -> list[list[str]]:
     return sorted((sorted(g, key=order.index) for g in groups), key=lambda g: -sum(costs[n] for n in g))
 
 
-def in_processes(fn: Callable[[list[str]], dict[str, ExportedProgram]],
-                 groups: list[list[str]]) -> dict[str, ExportedProgram]:
-    """fn(group) for every group at once: groups[0] here, each other one in a forked child (which inherits
-    the model) that sends its edge programs back through ExecuTorch's serializer."""
+def in_processes(fn: Callable[[list[str]], dict[str, ExportedProgram]], groups: list[list[str]],
+                 finish: Callable[[dict[str, ExportedProgram]], Any]) -> Any:
+    """finish() of the edge programs of fn(group) for every group, the groups lowered at once: groups[0]
+    here, each other one in a forked child (which inherits the model). Programs cross between processes
+    through ExecuTorch's serializer, and the process that finishes lowering first sends: the children
+    send theirs here as they finish, except where this process finishes while its one child is still
+    lowering; then it hands its programs over and that child finishes (SmolLM2-135M: the ~10 s that
+    serializing costs then overlap the child's lowering). finish()'s result must pickle."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
     workers = []
     try:
         for group in groups[1:]:
-            receive, send = context.Pipe(duplex=False)
-            child = context.Process(target=run_in_child, args=(fn, group, send), daemon=True)
+            here, there = context.Pipe()
+            child = context.Process(target=run_in_child, args=(fn, finish, group, there), daemon=True)
             child.start()
-            send.close()
-            workers.append((group, child, receive))
+            there.close()
+            workers.append((group, child, here))
         programs = fn(groups[0])
-        for group, child, receive in workers:
+        if len(workers) == 1 and not workers[0][2].poll():  # the child is still lowering: it finishes
+            group, child, connection = workers[0]
             try:
-                status, payload = receive.recv()
-            except EOFError:
-                status, payload = "died", None
-            child.join()
-            if status == "died":
-                payload = f"it exited with code {child.exitcode} (out of memory? pass --jobs 1)"
-            if status != "ok":
-                raise RuntimeError(f"lowering method(s) {', '.join(group)} in a child process failed: {payload}")
+                connection.send(("take", {n: serialize_edge_program(p) for n, p in programs.items()}))
+            except OSError:  # it ended: what it sent says why
+                pass
+            del programs
+            expect(connection, child, group, "done")
+            return expect(connection, child, group, "finished")
+        for group, child, connection in workers:
+            expect(connection, child, group, "done")
+            connection.send(("send", None))
+            payload = expect(connection, child, group, "sent")
             programs.update({n: deserialize_edge_program(fields) for n, fields in payload.items()})
+        return finish(programs)
     finally:
         for _, child, _ in workers:
             if child.is_alive():
                 child.terminate()
-    return programs
 
 
-def run_in_child(fn, group: list[str], send) -> None:
+def expect(connection, child, group: list[str], status: str) -> Any:
+    """The child's next message, which must have this status; else a RuntimeError naming how it ended."""
+    try:
+        got, payload = connection.recv()
+    except (EOFError, OSError):  # it ended without a word (a reset where our message went unread)
+        child.join()
+        got, payload = "died", f"it exited with code {child.exitcode} (out of memory? pass --jobs 1)"
+    if got != status:
+        raise RuntimeError(f"lowering method(s) {', '.join(group)} in a child process failed: {payload}")
+    return payload
+
+
+def run_in_child(fn, finish, group: list[str], connection) -> None:
+    """Lower the group, say so, then either send its programs or take the parent's and finish."""
     # The parent's OpenMP thread team does not survive fork: any multi-threaded op would wait on it forever.
     torch.set_num_threads(1)
     try:
-        send.send(("ok", {n: serialize_edge_program(p) for n, p in fn(group).items()}))
+        programs = fn(group)
+        connection.send(("done", None))
+        order, payload = connection.recv()
+        if order == "send":
+            connection.send(("sent", {n: serialize_edge_program(p) for n, p in programs.items()}))
+        else:
+            programs.update({n: deserialize_edge_program(fields) for n, fields in payload.items()})
+            connection.send(("finished", finish(programs)))
     except BaseException as e:  # the parent raises it
-        send.send(("error", f"{type(e).__name__}: {e}"))
+        connection.send(("error", f"{type(e).__name__}: {e}"))
     finally:
-        send.close()
+        connection.close()
 
 
 def serialize_edge_program(program: ExportedProgram) -> tuple[bytes, bytes, bytes, bytes]:
@@ -346,9 +376,8 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     prepare_for_executorch(model, r.max_seq_len)
     constants = runtime_constants(model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call)
     jobs = cfg.jobs or default_jobs(model)
-    program = stages.run("trace and lower", trace_and_lower, model, list(cfg.methods), r.exit_layer,
-                         cfg.max_tokens_per_call, r.num_speculations, backend, constants, jobs)
-    stages.run("save", save, program, directory / "model.pte")
+    stages.run("trace, lower and save", trace_and_lower, model, list(cfg.methods), r.exit_layer,
+               cfg.max_tokens_per_call, r.num_speculations, backend, constants, directory / "model.pte", jobs)
     return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
                          methods=list(cfg.methods), quant=scheme, backend=backend)
 

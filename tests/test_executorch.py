@@ -207,10 +207,12 @@ def test_parallel_lowering_gives_the_same_program(tiny_checkpoint, per_channel_i
 @pytest.mark.parametrize("quant,backend,methods", [("int4", "xnnpack", ("draft",)),
                                                    ("none", "xnnpack", ("verify",)), ("none", "portable", ("draft",))])
 def test_fast_lowering_gives_executorchs_program(tiny_checkpoint, quant, backend, methods, tmp_path, monkeypatch):
-    """Our delegate() + to_executorch() (one decomposition, idle passes skipped) against ExecuTorch's own
-    to_edge_transform_and_lower + to_executorch with every pass, on the same model and methods."""
+    """Our delegate() + to_executorch() (one decomposition, idle passes skipped, delegates' outputs from
+    their recorded shapes) against ExecuTorch's own to_edge_transform_and_lower + to_executorch with
+    every pass and every delegate run again, on the same model and methods."""
     from contextlib import nullcontext
 
+    import export.idle_passes as idle_passes
     import export.to_pte as to_pte
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -220,9 +222,14 @@ def test_fast_lowering_gives_executorchs_program(tiny_checkpoint, quant, backend
                                            constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
 
+    described = []
+    monkeypatch.setattr(idle_passes, "delegate_outputs",
+                        lambda module, read=idle_passes.delegate_outputs: described.append(read(module)) or described[-1])
     ours = export(tiny_checkpoint, tmp_path / "ours", quant=quant, methods=methods, backend=backend, jobs=1)
+    assert all(d is not None for d in described) and (len(described) > 0) == (backend == "xnnpack")
     monkeypatch.setattr(to_pte, "delegate", executorchs_delegate)
     monkeypatch.setattr(to_pte, "idle_passes_skipped", nullcontext)
+    monkeypatch.setattr(to_pte, "delegates_not_rerun", nullcontext)
     theirs = export(tiny_checkpoint, tmp_path / "theirs", quant=quant, methods=methods, backend=backend, jobs=1)
     assert program_without_grad_flags(ours.directory) == program_without_grad_flags(theirs.directory)
 
@@ -262,7 +269,34 @@ def test_a_failed_lowering_process_fails_the_export(failure, message):
         return {}
 
     with pytest.raises(RuntimeError, match=f"method.s. draft, verify in a child process failed: .*{message}"):
-        in_processes(lower_group, [["forward"], ["draft", "verify"]])
+        in_processes(lower_group, [["forward"], ["draft", "verify"]], finish=lambda programs: None)
+
+
+@pytest.mark.parametrize("slower", ["child", "parent"])
+def test_the_process_that_lowers_first_hands_its_programs_over(slower, monkeypatch):
+    """The other process finishes (to_executorch and save) with every group's programs."""
+    import os
+    import time
+
+    import export.to_pte as to_pte
+
+    monkeypatch.setattr(to_pte, "serialize_edge_program", lambda program: program)
+    monkeypatch.setattr(to_pte, "deserialize_edge_program", lambda fields: fields)
+    parent = os.getpid()
+
+    def where() -> str:
+        return "parent" if os.getpid() == parent else "child"
+
+    def lower_group(names):
+        if where() == slower:
+            time.sleep(1.0)
+        return {n: f"{n} lowered in the {where()}" for n in names}
+
+    finished_in, programs = to_pte.in_processes(lower_group, [["forward"], ["draft", "verify"]],
+                                                finish=lambda programs: (where(), programs))
+    assert finished_in == slower
+    assert programs == {"forward": "forward lowered in the parent", "draft": "draft lowered in the child",
+                        "verify": "verify lowered in the child"}
 
 
 def test_verify_method_holds_no_prefix_weights(tiny_checkpoint):
@@ -288,6 +322,11 @@ def test_manifest_records_the_runtime_facts(fp32_pte):
 
 
 # ---------------------------------------------------------------- bad input
+
+
+def test_cuda_provider_for_a_pte_is_a_clear_error(fp32_pte):
+    with pytest.raises(UserError, match="--provider cuda runs .onnx artifacts; .* is a .pte"):
+        open_artifact(fp32_pte.directory, provider="cuda")
 
 
 def test_truncated_pte_is_refused(fp32_pte, tmp_path):
