@@ -191,6 +191,20 @@ def test_host_inputs_are_bound_again_every_call_only_on_another_device(fp32_onnx
     assert "logits" not in method.binding.bound  # an output is written where it is bound: once is enough
 
 
+def against_cpu_provider(artifact, provider: str):
+    """runtime.bench's comparison of the artifact on `provider` with the CPU provider, on two prompts."""
+    from runtime.bench import BenchConfig, against_cpu_provider
+    from runtime.measure import heldout_quality, heldout_windows
+
+    opened = open_artifact(artifact.directory, provider=provider)
+    windows = heldout_windows(opened.tokenizer.tokenizer, opened.tokenizer.bos_token_id or 0, opened.eos_token_ids[0],
+                              count=2, length=64)
+    spec = {"kind": "artifact", "path": str(artifact.directory), "provider": provider}
+    compared = against_cpu_provider(opened, spec, [PROMPT, PROMPT[:4]], windows,
+                                    BenchConfig(artifacts=[artifact.directory], max_new_tokens=24))
+    return compared, heldout_quality(opened.backend, windows)["loss"]
+
+
 def test_cuda_provider_decodes_as_the_cpu_provider(fp32_onnx):
     """Needs a GPU (skipped here): greedy tokens on CUDA, plain and self-speculative, equal the CPU
     provider's, and held-out loss agrees."""
@@ -198,33 +212,16 @@ def test_cuda_provider_decodes_as_the_cpu_provider(fp32_onnx):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no CUDA provider (onnxruntime-gpu and an NVIDIA GPU)")
-    from runtime.bench import BenchConfig, against_cpu_provider
-    from runtime.measure import heldout_windows
-
-    opened = open_artifact(fp32_onnx.directory, provider="cuda")
-    prompts = [PROMPT, PROMPT[:4]]
-    windows = heldout_windows(opened.tokenizer.tokenizer, opened.tokenizer.bos_token_id or 0, opened.eos_token_ids[0],
-                              count=2, length=64)
-    spec = {"kind": "artifact", "path": str(fp32_onnx.directory), "provider": "cuda"}
-    r = against_cpu_provider(opened, spec, prompts, windows, BenchConfig(artifacts=[fp32_onnx.directory],
-                                                                          max_new_tokens=24))
-    assert r["greedy_identical_to_cpu_provider"] == {"ar": 1.0, "spec": 1.0}
+    compared, loss = against_cpu_provider(fp32_onnx, "cuda")
+    assert compared["greedy_identical_to_cpu_provider"] == {"ar": 1.0, "spec": 1.0}
+    assert loss == pytest.approx(compared["heldout_cpu_provider"]["loss"], abs=1e-3)
 
 
 def test_benchmark_compares_a_provider_with_the_cpu_provider(fp32_onnx):
     """The comparison `runtime.bench --provider cuda` records; against itself on the CPU it is exact."""
-    from runtime.bench import BenchConfig, against_cpu_provider
-    from runtime.measure import heldout_quality, heldout_windows
-
-    opened = open_artifact(fp32_onnx.directory)
-    prompts = [PROMPT]
-    windows = heldout_windows(opened.tokenizer.tokenizer, opened.tokenizer.bos_token_id or 0, opened.eos_token_ids[0],
-                              count=2, length=64)
-    spec = {"kind": "artifact", "path": str(fp32_onnx.directory), "provider": "cpu"}
-    r = against_cpu_provider(opened, spec, prompts, windows, BenchConfig(artifacts=[fp32_onnx.directory],
-                                                                          max_new_tokens=24))
-    assert r["greedy_identical_to_cpu_provider"] == {"ar": 1.0, "spec": 1.0}
-    assert r["heldout_cpu_provider"]["loss"] == pytest.approx(heldout_quality(opened.backend, windows)["loss"])
+    compared, loss = against_cpu_provider(fp32_onnx, "cpu")
+    assert compared["greedy_identical_to_cpu_provider"] == {"ar": 1.0, "spec": 1.0}
+    assert compared["heldout_cpu_provider"]["loss"] == pytest.approx(loss)
 
 
 def test_8bit_embedding_gathers_the_dequantized_rows():
