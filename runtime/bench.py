@@ -169,7 +169,8 @@ def against_cpu_provider(opened: Opened, spec: dict, prompts: list[list[int]], w
     reference = measure.greedy_tokens(cpu.backend, prompts, measure.mode_config("ar", d, cfg.max_new_tokens, eos))
     identical = {}
     for mode in ("ar", "spec"):
-        tokens = measure.greedy_tokens(opened.backend, prompts, measure.mode_config(mode, d, cfg.max_new_tokens, eos, tau))
+        config = measure.mode_config(mode, d, cfg.max_new_tokens, eos, tau)
+        tokens = measure.greedy_tokens(opened.backend, prompts, config)
         identical[mode] = sum(a == b for a, b in zip(tokens, reference)) / len(prompts)
     return {"greedy_identical_to_cpu_provider": identical,
             "heldout_cpu_provider": measure.heldout_quality(cpu.backend, windows)}
@@ -640,7 +641,8 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
         return BenchConfig(out=a.out, rss_only=True)
     return BenchConfig(artifacts=a.artifact, export=a.export, model=a.model, eager=a.eager, prompts=a.prompts,
                        limit=a.limit, max_new_tokens=a.max_new_tokens, repeats=a.repeats, threads=a.threads,
-                       provider=a.provider, rss=not a.no_rss, peers=a.peers, baselines=a.baselines, peer_limit=a.peer_limit, sweep=a.sweep,
+                       provider=a.provider, rss=not a.no_rss, peers=a.peers, baselines=a.baselines,
+                       peer_limit=a.peer_limit, sweep=a.sweep,
                        exit_layers=tuple(a.exit_layers), draft_lengths=tuple(a.draft_lengths),
                        draft_thresholds=tuple(a.draft_thresholds), sweep_target=a.sweep_target,
                        sweep_quant=a.sweep_quant, write_recommended=a.write_recommended, out=a.out,
