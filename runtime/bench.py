@@ -462,6 +462,25 @@ def positions_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def exactness_table(runs: list[dict]) -> list[str]:
+    """Greedy self-speculation against plain decoding (draft + 1-token verify calls), per artifact, and
+    for the prompts where they part, how near a tie plain decoding's choice was there."""
+    runs = [r for r in runs if "greedy_identical_fraction" in r["modes"]]
+    if not runs:
+        return []
+    lines = ["", "Greedy self-speculation against plain decoding (gap: plain decoding's logit of its token minus "
+                 "that of self-speculation's token, at the first token where they part):", "",
+             "| artifact | identical prompts | first divergences (prompt: token index, gap / top logit) |",
+             "|---|---|---|"]
+    for r in runs:
+        m = r["modes"]
+        parts = ", ".join(f"{v['prompt']}: {v['index']}, {v['gap']:.2g} / {v['top']:.1f}"
+                          for v in m.get("greedy_divergences", []))
+        lines.append(f"| {r['label']} | {round(m['greedy_identical_fraction'] * r['prompts'])} of {r['prompts']} | "
+                     f"{parts or '-'} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     mach = results["machine"]
     baselines = [v for r in results["runs"] for v in (r.get("runtime_baseline_rss_mb") or {}).values() if v]
@@ -491,6 +510,7 @@ def markdown(results: dict) -> str:
                                                           app.get("spec")))]
             lines.append("| " + " | ".join(cells) + " |")
     lines += positions_table(results["runs"])
+    lines += exactness_table(results["runs"])
     on_gpu = [r for r in results["runs"] if "greedy_identical_to_cpu_provider" in r]
     if on_gpu:
         lines += ["", "The same artifact on ONNX Runtime's CPU provider (GPU: "

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.decoding import GenerationConfig, generate
+from runtime.decoding import GenerationConfig, GenerationStats, TimedBackend, generate, prefill
 
 MODES = ("ar", "ar_full", "spec")  # autoregressive via draft+verify, via the full-model call, self-speculative
 
@@ -105,6 +105,7 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
     if "spec" in runs and "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
         pairs = list(zip(runs["spec"][-1].tokens, runs["ar"][-1].tokens))
         out["greedy_identical_fraction"] = sum(a == b for a, b in pairs) / len(pairs)
+        out["greedy_divergences"] = first_divergences(backend, prompts, runs["spec"][-1].tokens, runs["ar"][-1].tokens)
     baselines = [out[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in out]
     if "spec" in out and baselines:
         out["speedup"] = out["spec"]["decode_tokens_per_s"] / max(baselines)
@@ -122,6 +123,31 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
         out["fastest_plain"] = max(plain, key=plain.get)
         if "spec" in out:
             out["speedup_vs_fastest_plain"] = out["spec"]["decode_tokens_per_s"] / plain[out["fastest_plain"]]
+    return out
+
+
+def first_divergences(backend, prompts: list[list[int]], spec_tokens: list[list[int]],
+                      ar_tokens: list[list[int]]) -> list[dict]:
+    """Where greedy self-speculation left plain decoding, and how close the call was there.
+
+    For each prompt whose tokens differ: the first differing index, and plain decoding's logits at it,
+    replayed through the same calls (prefill, then one draft + one 1-token verify per token): `gap` is
+    the logit of plain decoding's token minus that of the token self-speculation emitted, `top` the
+    former. A gap of the order of the kernels' rounding is a near-tie that the 1-row and multi-row
+    kernels break differently, not a wrongly accepted draft (those differ by whole logits)."""
+    out = []
+    for n, (ids, spec, ar) in enumerate(zip(prompts, spec_tokens, ar_tokens)):
+        i = next((k for k, (a, b) in enumerate(zip(spec, ar)) if a != b), None)
+        if i is None:
+            continue  # identical, or one is a prefix of the other (a stop string or EOS cut it)
+        backend.reset()
+        logits = prefill(TimedBackend(backend, GenerationStats()), backend, ids)
+        for k in range(i):  # ar[k] sits at position len(ids) + k
+            backend.draft([ar[k]], len(ids) + k)
+            logits = backend.verify(len(ids) + k, 1)[0]
+        out.append({"prompt": n, "index": i, "ar_token": ar[i], "spec_token": spec[i],
+                    "top": float(logits[ar[i]]), "gap": float(logits[ar[i]] - logits[spec[i]]),
+                    "replayed": int(logits.argmax()) == ar[i]})
     return out
 
 

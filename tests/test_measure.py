@@ -25,6 +25,38 @@ def test_heldout_quality_through_chunked_calls_equals_one_full_forward(tiny_chec
     assert got["loss"] == pytest.approx(float(sum(losses)) / 78, abs=1e-4)
 
 
+def test_first_divergence_is_located_and_its_gap_read_from_plain_decodings_logits(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    backend = EagerBackend(model, exit_layer=2, max_seq_len=64)
+    prompts = [[1, 5, 9, 14], [1, 7, 3]]
+    cfg = measure.mode_config("ar", 1, 8, ())
+    ar = measure.greedy_tokens(backend, prompts, cfg)
+    spec = [list(ar[0]), list(ar[1])]
+    spec[1][3] = (ar[1][3] + 1) % model.config.vocab_size  # self-speculation "chose" another token there
+    spec[1][5] = (ar[1][5] + 1) % model.config.vocab_size  # only the first divergence counts
+    got = measure.first_divergences(backend, prompts, spec, ar)
+    with torch.no_grad():  # plain decoding's logits for token 3 of prompt 1, in one uncached call
+        logits = model(torch.tensor([prompts[1] + ar[1][:3]]), torch.tensor([0]), caches=[])[0, -1]
+    assert [(v["prompt"], v["index"], v["ar_token"], v["spec_token"]) for v in got] == [(1, 3, ar[1][3], spec[1][3])]
+    assert got[0]["replayed"]
+    assert got[0]["top"] == pytest.approx(float(logits[ar[1][3]]), abs=1e-4)
+    assert got[0]["gap"] == pytest.approx(float(logits[ar[1][3]] - logits[spec[1][3]]), abs=1e-4)
+    assert got[0]["gap"] >= 0
+
+
+def test_benchmark_markdown_lists_each_artifacts_first_divergences():
+    from runtime.bench import exactness_table
+
+    divergence = {"prompt": 4, "index": 7, "ar_token": 11, "spec_token": 12, "top": 26.93, "gap": 0.1734,
+                  "replayed": True}
+    runs = [{"label": "pte int4", "prompts": 10,
+             "modes": {"greedy_identical_fraction": 0.9, "greedy_divergences": [divergence]}},
+            {"label": "pte fp32", "prompts": 10, "modes": {"greedy_identical_fraction": 1.0, "greedy_divergences": []}}]
+    lines = exactness_table(runs)
+    assert "| pte int4 | 9 of 10 | 4: 7, 0.17 / 26.9 |" in lines
+    assert "| pte fp32 | 10 of 10 | - |" in lines
+
+
 def test_peak_rss_reset_sees_a_new_allocation():
     before = rss.reset_peak_rss()
     block = np.ones(200 * 2**20 // 8)  # 200 MB, touched
