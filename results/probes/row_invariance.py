@@ -2,7 +2,7 @@
 
 Greedy self-speculation emits the verify call's argmax for rows that plain decoding computes one
 row per call; where a kernel's result for a row depends on how many rows share the call, near-ties
-can break differently (SmolLM2 int4: greedy self-spec == plain decoding on 1 of 10 prompts).
+can break differently (SmolLM2 int4: greedy self-spec == plain decoding on 1-3 of 10 prompts).
 Two kernels, SmolLM2-135M's shapes (hidden 576, 9 query / 3 KV heads of 64), row 0 compared:
 - an 8da4w linear 576 -> 1536 (groups of 32 and one scale per output channel) and an fp32 one,
   each lowered alone to XNNPACK, at 1, 2 and 5 rows;
