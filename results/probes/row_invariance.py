@@ -3,11 +3,13 @@
 Greedy self-speculation emits the verify call's argmax for rows that plain decoding computes one
 row per call; where a kernel's result for a row depends on how many rows share the call, near-ties
 can break differently (SmolLM2 int4: greedy self-spec == plain decoding on 1-3 of 10 prompts).
-Two kernels, SmolLM2-135M's shapes (hidden 576, 9 query / 3 KV heads of 64), row 0 compared:
+Three kernels, SmolLM2-135M's shapes (hidden 576, 9 query / 3 KV heads of 64), row 0 compared:
 - an 8da4w linear 576 -> 1536 (groups of 32 and one scale per output channel) and an fp32 one,
   each lowered alone to XNNPACK, at 1, 2 and 5 rows;
 - ExecuTorch's `llama::custom_sdpa` (called through torch; the kernel the .pte runs), 1..8 query rows
-  at cache position 20, causal (keys start + T) and with an explicit mask over a fixed 512-key cache.
+  at cache position 20, causal (keys start + T) and with an explicit mask over a fixed 512-key cache;
+- ONNX Runtime's MatMulNBits int4 576 -> 1536 (accuracy levels 0 and 4, blocks of 32, 64, 128) and
+  an fp32 MatMul, at 1, 2, 3, 4, 5 and 8 rows (one thread).
 
     python results/probes/row_invariance.py results/probe_row_invariance.json
 """
@@ -59,9 +61,44 @@ def sdpa_row0_diffs() -> dict:
             for kind, rows in (("causal", causal), ("masked, fixed key count", masked))}
 
 
+def matmul_nbits_row0_diffs() -> dict:
+    import copy
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((HIDDEN, INTER)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((8, HIDDEN)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, HIDDEN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, INTER])],
+                              [numpy_helper.from_array(weight, "w")])
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+
+    def row0_diffs(model) -> dict:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        one = session.run(None, {"x": x[:1]})[0][0]
+        return {f"{t} rows": float(np.abs(session.run(None, {"x": x[:t]})[0][0] - one).max()) for t in (2, 3, 4, 5, 8)}
+
+    out = {"fp32 MatMul": row0_diffs(fp32)}
+    for level in (0, 4):
+        for block in (32, 64, 128):
+            quantizer = MatMulNBitsQuantizer(copy.deepcopy(fp32), block_size=block, is_symmetric=True,
+                                             accuracy_level=level)
+            quantizer.process()
+            out[f"MatMulNBits int4, accuracy level {level}, block {block}"] = row0_diffs(quantizer.model.model)
+    return out
+
+
 if __name__ == "__main__":
     result = {"row 0 of a T-row call minus the 1-row call, max abs": {
-        "xnnpack linear": linear_row0_diffs(), "llama::custom_sdpa": sdpa_row0_diffs()}}
+        "xnnpack linear": linear_row0_diffs(), "llama::custom_sdpa": sdpa_row0_diffs(),
+        "onnxruntime": matmul_nbits_row0_diffs()}}
     print(json.dumps(result, indent=1))
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
