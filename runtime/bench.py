@@ -464,7 +464,7 @@ def positions_table(runs: list[dict]) -> list[str]:
 
 def exactness_table(runs: list[dict]) -> list[str]:
     """Greedy self-speculation against plain decoding (draft + 1-token verify calls), per artifact, and
-    for the prompts where they part, how near a tie plain decoding's choice was there."""
+    for the prompts where they part, by how much plain decoding preferred its own token there."""
     runs = [r for r in runs if "greedy_identical_fraction" in r["modes"]]
     if not runs:
         return []

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.decoding import GenerationConfig, GenerationStats, TimedBackend, generate, prefill
+from runtime.decoding import GenerationConfig, generate, prefill
 
 MODES = ("ar", "ar_full", "spec")  # autoregressive via draft+verify, via the full-model call, self-speculative
 
@@ -141,7 +141,7 @@ def first_divergences(backend, prompts: list[list[int]], spec_tokens: list[list[
         if i is None:
             continue  # identical, or one is a prefix of the other (a stop string or EOS cut it)
         backend.reset()
-        logits = prefill(TimedBackend(backend, GenerationStats()), backend, ids)
+        logits = prefill(backend, backend, ids)  # the calls untimed: the backend itself serves as them
         for k in range(i):  # ar[k] sits at position len(ids) + k
             backend.draft([ar[k]], len(ids) + k)
             logits = backend.verify(len(ids) + k, 1)[0]
