@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD
-from export.pipeline import BACKENDS, DEFAULT_GROUP_SIZE, ExportConfig, run_export
+from export.pipeline import BACKENDS, DEFAULT_GROUP_SIZE, PTE_ATTENTION, ExportConfig, run_export
 from models.checkpoint import DEFAULT_MODEL_DIR
 from runtime.errors import run_command
 
@@ -45,6 +45,10 @@ def parse_args(argv=None) -> ExportConfig:
     p.add_argument("--onnx-kv-cache", default=d.onnx_kv_cache, choices=("gqa", "sdpa"),
                    help="ONNX KV cache: gqa (ONNX Runtime's GroupQueryAttention, updated in place; default) "
                         "or sdpa (standard ONNX ops only)")
+    p.add_argument("--pte-attention", default=d.pte_attention, choices=PTE_ATTENTION,
+                   help=".pte attention: custom_sdpa (ExecuTorch's kernel; default) or row_invariant (XNNPACK ops over "
+                        "the whole cache: a token's logits have the same bits in a verify as when decoded alone, so "
+                        "greedy self-speculation equals plain decoding by construction; slower per call)")
     p.add_argument("--fused-draft", action="store_true",
                    help="also export draft_greedy (.pte only): d greedy drafts in one call; measured no faster "
                         "than d draft calls on XNNPACK here, and it packs the prefix weights a second time")
@@ -63,7 +67,7 @@ def parse_args(argv=None) -> ExportConfig:
     a = p.parse_args(argv)
     return ExportConfig(model=a.model, exit_layer=a.exit_layer, num_speculations=a.num_speculations, quant=a.quant,
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
-                        backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache,
+                        backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache, pte_attention=a.pte_attention,
                         draft_vocab=a.draft_vocab, draft_threshold=a.draft_threshold, jobs=a.jobs,
                         methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))
 

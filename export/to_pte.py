@@ -10,6 +10,7 @@ that finishes lowering first hands its programs to the other, which serializes t
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 import warnings
@@ -51,6 +52,60 @@ class CustomOpKVCache(nn.Module):
         torch.ops.llama.update_cache(k, self.k, start)
         torch.ops.llama.update_cache(v, self.v, start)
         return torch.ops.llama.custom_sdpa(q, self.k, self.v, start, None, 0, True)
+
+
+class CallMask:
+    """The additive causal mask of one call, [T, S] (0 where key position <= query position, else -inf),
+    built once per traced call and shared by every layer that attends through it."""
+
+    def __init__(self, max_seq_len: int):
+        self.max_seq_len = max_seq_len
+        self.last: tuple = (None, None)  # (positions, mask) of the call being traced
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.last[0] is not positions:
+            keys = torch.arange(self.max_seq_len).view(1, -1)  # [1, S]
+            self.last = (positions, torch.where(keys <= positions.view(-1, 1), 0.0, float("-inf")))
+        return self.last[1]
+
+
+class RowInvariantKVCache(nn.Module):
+    """A cache whose attention gives a query row the same bits whatever the number of rows in the call.
+
+    ExecuTorch's custom_sdpa picks its GEMM by the number of query rows, so a row of a 5-token verify
+    rounds differently from the same row decoded alone; 8-bit activations can amplify that into a
+    different greedy token (SmolLM2-135M at int4: 8 of 10 prompts). Here every call attends over all S
+    cache positions with a mask, as XNNPACK batch matmuls and a softmax whose per-row arithmetic does not
+    depend on the row count: q [T*G, D] @ K^T [D, S], softmax over S, @ V [S, D] per KV head. Masked
+    positions weigh exactly 0, so stale rows never count. The price is work over all S positions.
+
+    Layouts (written by llama::update_cache, which writes rows start .. start+T-1 of dim 1 for each
+    index of dim 0): K transposed [H_kv * D, S, 1, 1], so that K^T is a view; V [H_kv, S, 1, D].
+    """
+
+    def __init__(self, max_seq_len: int, n_kv_heads: int, head_dim: int, mask: CallMask):
+        super().__init__()
+        self.register_buffer("k_t", torch.zeros(n_kv_heads * head_dim, max_seq_len, 1, 1), persistent=False)
+        self.register_buffer("v", torch.zeros(n_kv_heads, max_seq_len, 1, head_dim), persistent=False)
+        self.mask = mask
+
+    def attend_sequence_first(self, q, k, v, positions):
+        """q: [1, T, H, D]; k, v: [1, T, H_kv, D]; positions: [T] -> [1, T, H, D]."""
+        h_kv, s, _, d = self.v.shape
+        h = q.shape[2]
+        g = h // h_kv  # query heads per KV head
+        start = positions[0].item()
+        torch._check(start >= 0)
+        torch._check(start < s)
+        # [1, T, H_kv, D] -> [H_kv, D, T] -> [H_kv * D, T, 1, 1]; and -> [H_kv, T, 1, D]
+        torch.ops.llama.update_cache(k.permute(2, 3, 1, 0).contiguous().view(h_kv * d, -1, 1, 1), self.k_t, start)
+        torch.ops.llama.update_cache(v.permute(2, 1, 0, 3).contiguous(), self.v, start)
+        q = q.view(-1, h_kv, g, d).permute(1, 0, 2, 3).contiguous().view(h_kv, -1, d)  # [H_kv, T*G, D]
+        scores = torch.bmm(q, self.k_t.view(h_kv, d, s))  # [H_kv, T*G, S]
+        scores = scores.view(h_kv, -1, g, s) * d ** -0.5 + self.mask(positions).view(1, -1, 1, s)  # [H_kv, T, G, S]
+        probs = torch.softmax(scores.view(h_kv, -1, s), dim=-1)
+        y = torch.bmm(probs, self.v.view(h_kv, s, d))  # [H_kv, T*G, D]
+        return y.view(h_kv, -1, g, d).permute(1, 0, 2, 3).contiguous().view(1, -1, h, d)
 
 
 class XnnpackAttention(nn.Module):
@@ -95,16 +150,27 @@ class XnnpackRMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(F.linear(x * x, self.mean_weight) + self.eps))
 
 
-def prepare_for_executorch(model: Transformer, max_seq_len: int) -> Transformer:
+def prepare_for_executorch(model: Transformer, max_seq_len: int, attention: str = "custom_sdpa",
+                           exit_layer: int = 0) -> Transformer:
     """Source transformation for the .pte (after quantization): the model's caches become ExecuTorch
     custom-op caches, and attention and norms the forms XNNPACK delegates whole. Each layer used to
     fall into ~6 delegated partitions around undelegated views, slices and means; now it is two (before
     and after the cache ops): the shipped model's full call 0.348 -> 0.328 ms at 8da4w, lowering
-    faster (fewer partitions to compile)."""
+    faster (fewer partitions to compile).
+
+    attention "row_invariant": layers >= exit_layer attend through RowInvariantKVCache. Those are the
+    only layers where a token meets different row counts in the two decoders (a d+1-token verify against
+    1-token calls); drafts are 1-token calls in both, and prompts go through in the same chunks."""
     load_custom_ops()
     c = model.config
-    model.caches = nn.ModuleList(CustomOpKVCache(max_seq_len, c.num_key_value_heads, c.head_dim)
-                                 for _ in range(c.num_hidden_layers))
+    mask = CallMask(max_seq_len)
+
+    def cache(layer: int) -> nn.Module:
+        if attention == "row_invariant" and layer >= exit_layer:
+            return RowInvariantKVCache(max_seq_len, c.num_key_value_heads, c.head_dim, mask)
+        return CustomOpKVCache(max_seq_len, c.num_key_value_heads, c.head_dim)
+
+    model.caches = nn.ModuleList(cache(i) for i in range(c.num_hidden_layers))
     for layer in model.layers:
         layer.self_attn = XnnpackAttention(layer.self_attn)
         layer.input_layernorm = XnnpackRMSNorm(layer.input_layernorm)
@@ -137,6 +203,23 @@ def log_level(name: str, level: int):
         log.setLevel(default)
 
 
+def xnnpack_partitioner():
+    """XNNPACK's partitioner, except that views of a KV cache stay outside the delegates: inside, XNNPACK
+    copies the viewed cache on every call (a static reshape); outside, ExecuTorch makes the view an alias."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import ViewCopyConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class ViewCopyNotOfCaches(ViewCopyConfig):
+        def check_constraints(self, node, ep) -> bool:
+            source = node.args[0]
+            is_cache = (source.op == "placeholder" and source.name in ep.graph_signature.inputs_to_buffers) or (
+                source.target is operator.getitem and "auto_functionalized" in str(source.args[0].target))
+            return not is_cache and super().check_constraints(node, ep)
+
+    return XnnpackPartitioner(configs=[ViewCopyNotOfCaches if c is ViewCopyConfig else c for c in ALL_PARTITIONER_CONFIGS])
+
+
 def delegate(programs: dict[str, ExportedProgram], backend: str, constants: Optional[dict[str, Any]] = None):
     """Edge dialect and XNNPACK delegation (unless 'portable'): an EdgeProgramManager.
 
@@ -147,12 +230,11 @@ def delegate(programs: dict[str, ExportedProgram], backend: str, constants: Opti
       This one keeps every op XNNPACK takes whole (aten.linear) as it is;
     - the lowering passes skipped on graphs they would not change (export/idle_passes.py).
     With both, the quick start's export 104.5 / 122.3 s -> 50.5 / 48.9 s wall (two alternations)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, EdgeProgramManager
     from executorch.exir.program import _program
 
     config = EdgeCompileConfig(_check_ir_validity=False)
-    partitioner = XnnpackPartitioner() if backend == "xnnpack" else None
+    partitioner = xnnpack_partitioner() if backend == "xnnpack" else None
     edge_programs, kept = {}, set()
     with idle_passes_skipped():
         for name, program in programs.items():
@@ -373,13 +455,14 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     scheme = resolve_scheme(cfg.quant)
     backend = cfg.backend if cfg.backend in ("xnnpack", "portable") else "xnnpack"
     stages.run("quantize", quantize_model, model, scheme, cfg.group_size_for("pte", model.config, r.ckpt.recommended))
-    prepare_for_executorch(model, r.max_seq_len)
+    prepare_for_executorch(model, r.max_seq_len, cfg.pte_attention, r.exit_layer)
     constants = runtime_constants(model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call)
     jobs = cfg.jobs or default_jobs(model)
     stages.run("trace, lower and save", trace_and_lower, model, list(cfg.methods), r.exit_layer,
                cfg.max_tokens_per_call, r.num_speculations, backend, constants, directory / "model.pte", jobs)
     return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
-                         methods=list(cfg.methods), quant=scheme, backend=backend)
+                         methods=list(cfg.methods), quant=scheme, backend=backend,
+                         extra={"attention": cfg.pte_attention})
 
 
 def runtime_constants(model: Transformer, exit_layer: int, max_seq_len: int, max_tokens: int) -> dict[str, int]:

@@ -114,7 +114,7 @@ class Manifest:
         return {"backend": f"{self.format}/{self.backend}", "artifact": str(self.directory), "quant": self.quant,
                 "exit_layer": self.exit_layer, "draft_threshold": self.draft_threshold,
                 "max_seq_len": self.max_seq_len, "file_sizes": self.file_sizes,
-                "draft_vocab": self.draft_vocab, **({"kv_cache": self.extra["kv_cache"]} if "kv_cache" in self.extra else {})}
+                "draft_vocab": self.draft_vocab, **{k: self.extra[k] for k in ("kv_cache", "attention") if k in self.extra}}
 
 
 def read_manifest(directory: Path | str) -> Manifest:

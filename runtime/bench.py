@@ -304,10 +304,12 @@ def export_grid(cfg: BenchConfig) -> list[Path]:
 
 
 def artifact_label(facts: dict) -> str:
-    """e.g. 'pte/xnnpack 8da4w', 'onnx/onnxruntime matmulnbits-int4 sdpa', '... draft vocab 1024'."""
+    """e.g. 'pte/xnnpack 8da4w', 'pte/xnnpack 8da4w row_invariant', 'onnx/onnxruntime matmulnbits-int4 sdpa',
+    '... draft vocab 1024'."""
     label = f"{facts['backend']} {facts.get('quant', 'fp32')}"
-    if facts.get("kv_cache", "gqa") != "gqa":
-        label += f" {facts['kv_cache']}"
+    for key, default in (("kv_cache", "gqa"), ("attention", "custom_sdpa")):
+        if facts.get(key, default) != default:
+            label += f" {facts[key]}"
     return label + (f" draft vocab {facts['draft_vocab']}" if facts.get("draft_vocab") else "")
 
 

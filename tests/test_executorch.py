@@ -38,10 +38,36 @@ def int4_pte(tiny_checkpoint, tmp_path_factory):
                   methods=WITH_FUSED_DRAFT)
 
 
-def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, fp32_pte):
-    expected = eager_reference(tiny_checkpoint, fp32_pte.exit_layer, fp32_pte.max_seq_len)
-    got = call_sequence(open_artifact(fp32_pte.directory).backend)
+@pytest.fixture(scope="module")
+def row_invariant_pte(tiny_checkpoint, tmp_path_factory):
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("rowinv"), quant="int4", group_size=32,
+                  methods=WITH_FUSED_DRAFT, pte_attention="row_invariant")
+
+
+@pytest.mark.parametrize("attention", ["custom_sdpa", "row_invariant"])
+def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, fp32_pte, attention, tmp_path):
+    manifest = fp32_pte if attention == "custom_sdpa" else export(tiny_checkpoint, tmp_path, pte_attention=attention)
+    expected = eager_reference(tiny_checkpoint, manifest.exit_layer, manifest.max_seq_len)
+    got = call_sequence(open_artifact(manifest.directory).backend)
     assert max_diff(got, expected) <= 1e-4
+    assert manifest.extra["attention"] == attention
+
+
+def test_row_invariant_attention_gives_each_verify_row_the_bits_of_a_one_token_call(row_invariant_pte):
+    """With --pte-attention row_invariant, a token's verify logits do not depend on how many tokens share
+    the call: the property that makes greedy self-speculation equal plain decoding by construction."""
+    backend = open_artifact(row_invariant_pte.directory).backend
+    backend.draft(PROMPT, 0)
+    backend.verify(0, len(PROMPT))
+    pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
+    for k, token in enumerate(tokens):
+        backend.draft([token], pos + k)
+    together = np.array(backend.verify(pos, len(tokens)))
+    alone = np.stack([np.array(backend.verify(pos + k, 1))[0] for k in range(len(tokens))])
+    assert np.array_equal(together, alone)
+    ops = instructions(row_invariant_pte.path("program"), "forward")  # custom_sdpa only in the prefix layers
+    layers = row_invariant_pte.model_config["num_hidden_layers"]
+    assert ops["llama::custom_sdpa"] == row_invariant_pte.exit_layer and ops["llama::update_cache"] == 2 * layers
 
 
 def test_full_model_method_matches_eager(tiny_checkpoint, fp32_pte):
@@ -54,7 +80,7 @@ def test_full_model_method_matches_eager(tiny_checkpoint, fp32_pte):
     assert np.abs(backend.forward(PROMPT, 0) - expected).max() <= 1e-4
 
 
-@pytest.mark.parametrize("which", ["fp32_pte", "int4_pte"])
+@pytest.mark.parametrize("which", ["fp32_pte", "int4_pte", "row_invariant_pte"])
 def test_greedy_self_speculation_equals_autoregressive_on_the_pte(which, request):
     opened = open_artifact(request.getfixturevalue(which).directory)
     ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False))
@@ -74,7 +100,7 @@ def per_channel_int4_pte(tiny_checkpoint, tmp_path_factory):
                   methods=("draft", "verify"))
 
 
-@pytest.mark.parametrize("which", ["int4_pte", "per_channel_int4_pte"])
+@pytest.mark.parametrize("which", ["int4_pte", "per_channel_int4_pte", "row_invariant_pte"])
 def test_int4_pte_matches_the_torchao_quantized_eager_model(tiny_checkpoint, which, request):
     """The lowering is faithful to torchao's 8da4w numerics (XNNPACK's int8 activation rounding aside),
     per group of 32 input channels and per output channel (--group-size 0)."""
@@ -372,6 +398,11 @@ def test_export_cli_rejects_bad_input_in_one_line(tiny_checkpoint, tmp_path, fla
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_an_unknown_pte_attention_is_a_clear_error(tiny_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="--pte-attention 'fast' is unknown; use one of custom_sdpa, row_invariant"):
+        ExportConfig(model=tiny_checkpoint, out=tmp_path, pte_attention="fast")
 
 
 def test_failed_export_leaves_the_existing_artifact_untouched(tiny_checkpoint, fp32_pte, tmp_path, monkeypatch):
