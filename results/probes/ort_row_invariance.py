@@ -5,6 +5,8 @@ Attention-shaped products at SmolLM2's shapes (3 KV heads, D = 64, S = 512 keys)
   matmul_kq   K @ q^T, softmax over S, V^T @ p^T           (the rows become columns: N = T)
   elementwise ReduceSum(q * K), softmax, ReduceSum(p * V)  (no GEMM)
 For T in 2..16, the max abs difference of each row against the same row run alone; 0 = invariant.
+Also (matmul_vs_two_rows) each row of the matmul form against the same row computed as the first of
+a 2-row call, for T in 2..16.
 
     python results/probes/ort_row_invariance.py   # -> results/probe_ort_row_invariance.json
 """
@@ -50,6 +52,10 @@ sess = session([helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), he
                 helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])],
                [value("q", [H, None, D]), value("k", [H, S, D]), value("v", [H, S, D])])
 results["matmul"] = row_differences(sess, lambda q: {"q": q, "k": K, "v": V}, lambda y: y)
+in_pairs = [sess.run(None, {"q": Q[:, i:i + 2], "k": K, "v": V})[0][:, 0] for i in range(15)]
+results["matmul_vs_two_rows"] = {
+    t: float(max(np.abs(sess.run(None, {"q": Q[:, :t], "k": K, "v": V})[0][:, i] - in_pairs[i]).max()
+                 for i in range(min(t, 15)))) for t in ROWS}
 
 sess = session([helper.make_node("MatMul", ["k", "qt"], ["st"]), helper.make_node("Softmax", ["st"], ["pt"], axis=1),
                 helper.make_node("MatMul", ["vt", "pt"], ["y"])],
