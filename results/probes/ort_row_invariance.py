@@ -5,12 +5,15 @@ Attention-shaped products at SmolLM2's shapes (3 KV heads, D = 64, S = 512 keys)
   matmul_kq   K @ q^T, softmax over S, V^T @ p^T           (the rows become columns: N = T)
   elementwise ReduceSum(q * K), softmax, ReduceSum(p * V)  (no GEMM)
 For T in 2..16, the max abs difference of each row against the same row run alone; 0 = invariant.
-Also (matmul_vs_two_rows) each row of the matmul form against the same row computed as the first of
+And what the invariant (elementwise) form costs per layer at 1 and 5 query rows (G = 3 query heads
+per KV head, as SmolLM2), median of 5 x 100 calls. Also (matmul_vs_two_rows) each row of the matmul form against the same row computed as the first of
 a 2-row call, for T in 2..16.
 
     python results/probes/ort_row_invariance.py   # -> results/probe_ort_row_invariance.json
 """
 import json
+import statistics
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -71,8 +74,24 @@ sess = session([helper.make_node("Mul", ["q4", "k4"], ["m"]), helper.make_node("
                [value("q4", [H, None, 1, D]), value("k4", [H, 1, S, D]), value("v4", [H, 1, S, D])], (last, keys))
 results["elementwise"] = row_differences(sess, lambda q: {"q4": q[:, :, None, :], "k4": K[:, None], "v4": V[:, None]}, lambda y: y)
 
+
+def elementwise_us(rows: int) -> float:
+    feeds = {"q4": rng.standard_normal((H, 3 * rows, 1, D), dtype=np.float32), "k4": K[:, None], "v4": V[:, None]}
+    for _ in range(20):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(100):
+            sess.run(None, feeds)
+        times.append((time.perf_counter() - start) / 100 * 1e6)
+    return statistics.median(times)
+
+
+elementwise_cost = {rows: round(elementwise_us(rows), 1) for rows in (1, 5)}
+
 record = {"onnxruntime": ort.__version__, "shape": {"kv_heads": H, "keys": S, "head_dim": D},
-          "max_abs_difference_by_rows": results}
+          "max_abs_difference_by_rows": results, "elementwise_us_per_layer_by_rows": elementwise_cost}
 print(json.dumps(record, indent=1))
 with open("results/probe_ort_row_invariance.json", "w") as f:
     json.dump(record, f, indent=1)
