@@ -55,7 +55,8 @@ def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, 
 
 def test_row_invariant_attention_gives_each_verify_row_the_bits_of_a_one_token_call(row_invariant_pte):
     """With --pte-attention row_invariant, a token's verify logits do not depend on how many tokens share
-    the call: the property that makes greedy self-speculation equal plain decoding by construction."""
+    the call: the property that makes greedy self-speculation equal plain decoding by construction.
+    (The same check on a custom_sdpa artifact of this model differs by 9.5e-7, measured once.)"""
     backend = open_artifact(row_invariant_pte.directory).backend
     backend.draft(PROMPT, 0)
     backend.verify(0, len(PROMPT))
