@@ -54,19 +54,24 @@ class CustomOpKVCache(nn.Module):
         return torch.ops.llama.custom_sdpa(q, self.k, self.v, start, None, 0, True)
 
 
-class CallMask:
-    """The additive causal mask of one call, [T, S] (0 where key position <= query position, else -inf),
-    built once per traced call and shared by every layer that attends through it."""
+class KeyMask:
+    """The additive attention mask of the call being traced, [T, L]: 0 where key position <= the row's
+    position, -inf after; L = the keys the call attends to (pos + T at run time). An input of the methods
+    that reach RowInvariantKVCache layers (WithKeyMask), read by each of those layers."""
 
-    def __init__(self, max_seq_len: int):
-        self.max_seq_len = max_seq_len
-        self.last: tuple = (None, None)  # (positions, mask) of the call being traced
+    current: Optional[torch.Tensor] = None
 
-    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
-        if self.last[0] is not positions:
-            keys = torch.arange(self.max_seq_len).view(1, -1)  # [1, S]
-            self.last = (positions, torch.where(keys <= positions.view(-1, 1), 0.0, float("-inf")))
-        return self.last[1]
+
+class WithKeyMask(nn.Module):
+    """A method with one more input, the key mask [T, L], made available to the layers as they run."""
+
+    def __init__(self, method: nn.Module, key_mask: KeyMask):
+        super().__init__()
+        self.method, self.key_mask = method, key_mask
+
+    def forward(self, x, input_pos, mask):
+        self.key_mask.current = mask
+        return self.method(x, input_pos)
 
 
 class RowInvariantKVCache(nn.Module):
@@ -74,37 +79,49 @@ class RowInvariantKVCache(nn.Module):
 
     ExecuTorch's custom_sdpa picks its GEMM by the number of query rows, so a row of a 5-token verify
     rounds differently from the same row decoded alone; 8-bit activations can amplify that into a
-    different greedy token (SmolLM2-135M at int4: 8 of 10 prompts). Here every call attends over all S
-    cache positions with a mask, as XNNPACK batch matmuls and a softmax whose per-row arithmetic does not
-    depend on the row count: q [T*G, D] @ K^T [D, S], softmax over S, @ V [S, D] per KV head. Masked
-    positions weigh exactly 0, so stale rows never count. The price is work over all S positions.
+    different greedy token (SmolLM2-135M at int4: 8 of 10 prompts). Here a call attends over its first L
+    cache positions (L = pos + T, the key mask's width) in XNNPACK ops, per KV head:
+    s = q [T*G, D] @ K^T [D, L]; w = exp(s - max(s)); [w @ V, w @ 1] = w @ [V | 1] [L, D + 1]; their ratio.
+    Every one of them computes a row on its own; the matmuls add over L in order, so a key the row may
+    not see (weight exactly 0) adds exactly 0; a max is exact in any order. So a row gets the same bits
+    as one of 5 in a verify (L = pos + 5) as decoded alone (L = its position + 1). (XNNPACK's softmax
+    in place of exp and the ones column did not: with L varying, 2 of 10 SmolLM2 prompts diverged.)
 
     Layouts (written by llama::update_cache, which writes rows start .. start+T-1 of dim 1 for each
-    index of dim 0): K transposed [H_kv * D, S, 1, 1], so that K^T is a view; V [H_kv, S, 1, D].
+    index of dim 0): K transposed [H_kv * D, S + 1, 1, 1], so that K^T is a view; V with a column of
+    ones [H_kv, S + 1, 1, D + 1]. (One row more than positions: a slice of all rows would be no slice, a
+    special case that torch.export refuses for a dynamic length.) The first L rows are copied out each
+    call (outside XNNPACK, which takes no slice of a length known only at run time).
     """
 
-    def __init__(self, max_seq_len: int, n_kv_heads: int, head_dim: int, mask: CallMask):
+    def __init__(self, max_seq_len: int, n_kv_heads: int, head_dim: int, key_mask: KeyMask):
         super().__init__()
-        self.register_buffer("k_t", torch.zeros(n_kv_heads * head_dim, max_seq_len, 1, 1), persistent=False)
-        self.register_buffer("v", torch.zeros(n_kv_heads, max_seq_len, 1, head_dim), persistent=False)
-        self.mask = mask
+        self.register_buffer("k_t", torch.zeros(n_kv_heads * head_dim, max_seq_len + 1, 1, 1), persistent=False)
+        self.register_buffer("v", torch.zeros(n_kv_heads, max_seq_len + 1, 1, head_dim + 1), persistent=False)
+        self.key_mask = key_mask
 
     def attend_sequence_first(self, q, k, v, positions):
         """q: [1, T, H, D]; k, v: [1, T, H_kv, D]; positions: [T] -> [1, T, H, D]."""
-        h_kv, s, _, d = self.v.shape
+        h_kv, rows, d = self.v.shape[0], self.v.shape[1], q.shape[3]
         h = q.shape[2]
         g = h // h_kv  # query heads per KV head
         start = positions[0].item()
         torch._check(start >= 0)
-        torch._check(start < s)
+        torch._check(start < rows - 1)
         # [1, T, H_kv, D] -> [H_kv, D, T] -> [H_kv * D, T, 1, 1]; and -> [H_kv, T, 1, D]
         torch.ops.llama.update_cache(k.permute(2, 3, 1, 0).contiguous().view(h_kv * d, -1, 1, 1), self.k_t, start)
-        torch.ops.llama.update_cache(v.permute(2, 1, 0, 3).contiguous(), self.v, start)
+        ones = torch.ones_like(v[..., :1])
+        torch.ops.llama.update_cache(torch.cat([v, ones], -1).permute(2, 1, 0, 3).contiguous(), self.v, start)
+        mask = self.key_mask.current  # [T, L]
+        keys = mask.shape[1]
+        k_t = self.k_t.view(h_kv * d, rows)[:, :keys].contiguous().view(h_kv, d, -1)  # [H_kv, D, L]
+        v1 = self.v.view(h_kv, rows, d + 1)[:, :keys]  # [H_kv, L, D + 1]: V and a column of ones
         q = q.view(-1, h_kv, g, d).permute(1, 0, 2, 3).contiguous().view(h_kv, -1, d)  # [H_kv, T*G, D]
-        scores = torch.bmm(q, self.k_t.view(h_kv, d, s))  # [H_kv, T*G, S]
-        scores = scores.view(h_kv, -1, g, s) * d ** -0.5 + self.mask(positions).view(1, -1, 1, s)  # [H_kv, T, G, S]
-        probs = torch.softmax(scores.view(h_kv, -1, s), dim=-1)
-        y = torch.bmm(probs, self.v.view(h_kv, s, d))  # [H_kv, T*G, D]
+        scores = torch.bmm(q, k_t)  # [H_kv, T*G, L]
+        scores = (scores.view(h_kv, -1, g, keys) * d ** -0.5 + mask.view(1, -1, 1, keys)).view(h_kv, -1, keys)
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # unnormalized softmax
+        y = torch.bmm(weights, v1)  # [H_kv, T*G, D + 1]: weighted sums of V, and the weights' sum
+        y = y[..., :d] / y[..., d:]
         return y.view(h_kv, -1, g, d).permute(1, 0, 2, 3).contiguous().view(1, -1, h, d)
 
 
@@ -163,11 +180,11 @@ def prepare_for_executorch(model: Transformer, max_seq_len: int, attention: str 
     1-token calls); drafts are 1-token calls in both, and prompts go through in the same chunks."""
     load_custom_ops()
     c = model.config
-    mask = CallMask(max_seq_len)
+    model.key_mask = KeyMask() if attention == "row_invariant" else None  # then verify/forward take a key mask
 
     def cache(layer: int) -> nn.Module:
-        if attention == "row_invariant" and layer >= exit_layer:
-            return RowInvariantKVCache(max_seq_len, c.num_key_value_heads, c.head_dim, mask)
+        if model.key_mask is not None and layer >= exit_layer:
+            return RowInvariantKVCache(max_seq_len, c.num_key_value_heads, c.head_dim, model.key_mask)
         return CustomOpKVCache(max_seq_len, c.num_key_value_heads, c.head_dim)
 
     model.caches = nn.ModuleList(cache(i) for i in range(c.num_hidden_layers))
@@ -180,15 +197,24 @@ def prepare_for_executorch(model: Transformer, max_seq_len: int, attention: str 
     return model
 
 
+KEY_MASK_METHODS = ("verify", "forward", "forward_all")  # the methods that run layers >= E
+
+
 def trace(model: Transformer, methods: list[str], exit_layer: int, max_tokens: int,
           draft_length: int = 1) -> dict[str, ExportedProgram]:
     tokens = Dim("tokens", min=1, max=max_tokens)
+    keys = Dim("keys", min=2, max=model.max_seq_len)
     programs = {}
     with torch.no_grad():
         for name in methods:
             module = method_module(name, model, exit_layer, draft_length)
+            inputs = example_inputs(name, model)
             dynamic = ({1: tokens}, None) if has_dynamic_tokens(name) else None
-            programs[name] = export(module, example_inputs(name, model), dynamic_shapes=dynamic, strict=False)
+            if getattr(model, "key_mask", None) is not None and name in KEY_MASK_METHODS:
+                module = WithKeyMask(module, model.key_mask)
+                inputs += (torch.zeros(inputs[0].shape[1], 4),)  # [T, L]
+                dynamic += ({0: tokens, 1: keys},)
+            programs[name] = export(module, inputs, dynamic_shapes=dynamic, strict=False)
     return programs
 
 

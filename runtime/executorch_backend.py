@@ -58,6 +58,20 @@ class ExecuTorchBackend:
         self._token_views = [token_ids[:, :t] for t in range(self.max_tokens_per_call + 1)]  # [1, t] each
         self._position = torch.zeros(1, dtype=torch.long)
         self._position_np = self._position.numpy()
+        # --pte-attention row_invariant: verify and forward also take the key mask [T, L], L = pos + T.
+        # Row t of it is `steps` read from max_seq_len - 1 - (pos + t): 0 up to the row's position, then -inf.
+        self.key_masked = manifest.extra.get("attention") == "row_invariant"
+        s = self.max_seq_len
+        self._steps = np.concatenate([np.zeros(s, np.float32), np.full(s, -np.inf, np.float32)])
+
+    def _key_mask(self, pos: int, count: int) -> tuple:
+        """() for custom_sdpa artifacts, else (the key mask [count, L],)."""
+        if not self.key_masked:
+            return ()
+        keys = max(pos + count, 2)  # the programs take at least 2 keys; a masked one adds exactly 0
+        first = self.max_seq_len - 1 - pos
+        rows = [self._steps[first - t:first - t + keys] for t in range(count)]
+        return (torch.from_numpy(np.stack(rows)),)
 
     def _constant(self, name: str):
         if name not in self.program.method_names:
@@ -98,10 +112,10 @@ class ExecuTorchBackend:
     def verify(self, pos, count):
         hidden = torch.from_numpy(self.exit_cache[pos:pos + count][None])  # [1, count, dim], contiguous
         self._position_np[0] = pos
-        return self._get("verify").execute((hidden, self._position))[0].numpy()[0]
+        return self._get("verify").execute((hidden, self._position) + self._key_mask(pos, count))[0].numpy()[0]
 
     def forward(self, tokens, pos):
-        return self._get("forward").execute(self._inputs(tokens, pos))[0].numpy()[0]
+        return self._get("forward").execute(self._inputs(tokens, pos) + self._key_mask(pos, len(tokens)))[0].numpy()[0]
 
     def reset(self):
         # The custom SDPA attends only to positions < start + T, so stale cache rows need no clearing.
