@@ -60,13 +60,13 @@ class ExecuTorchBackend:
         self._position_np = self._position.numpy()
         # --pte-attention row_invariant: verify and forward also take the key mask [T, L], L = pos + T.
         # Row t of it is `steps` read from max_seq_len - 1 - (pos + t): 0 up to the row's position, then -inf.
-        self.key_masked = manifest.extra.get("attention") == "row_invariant"
         s = self.max_seq_len
-        self._steps = np.concatenate([np.zeros(s, np.float32), np.full(s, -np.inf, np.float32)])
+        self._steps = (np.concatenate([np.zeros(s, np.float32), np.full(s, -np.inf, np.float32)])
+                       if manifest.extra.get("attention") == "row_invariant" else None)
 
     def _key_mask(self, pos: int, count: int) -> tuple:
         """() for custom_sdpa artifacts, else (the key mask [count, L],)."""
-        if not self.key_masked:
+        if self._steps is None:
             return ()
         keys = max(pos + count, 2)  # the programs take at least 2 keys; a masked one adds exactly 0
         first = self.max_seq_len - 1 - pos
