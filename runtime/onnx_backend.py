@@ -5,6 +5,16 @@ Nothing large is copied between calls: each layer's KV cache is one buffer bound
 hidden states are written by `draft` straight into the exit cache and read from it by `verify`,
 by binding pointers into that buffer.
 
+Verify calls carry at least 2 rows, and an even number at MatMulNBits blocks of 64 and more. ONNX
+Runtime's CPU kernels compute a row with other bits when it is alone: GroupQueryAttention at one
+query row, and MatMulNBits at blocks >= 64 (4 and 8 bits) for the last row of an odd count, which it
+computes apart from the pairs before it (fp32 MatMul and blocks of 16 / 32 give every row of 2..9-row
+calls the same bits). int8 activations turn those last bits into tenths of a logit over a real
+model's layers. So padded, a token's verify logits have the same bits in a d+1-token verify as in a
+1-token one (tested), and greedy self-speculation equals plain decoding (draft + verify) by
+construction. The extra row is the one before the call, recomputed from its exit-cache row to the
+bits it already has (at position 0, the row after, never read before it is written again).
+
 With the CUDA provider the exit cache lives on the GPU and the KV caches stay on the host: ONNX
 Runtime's CUDA GroupQueryAttention takes fp16/bf16 only, so in our fp32-activation graphs that node
 runs on the CPU provider and updates the cache in place only where the cache is host memory (with
@@ -154,7 +164,8 @@ class OnnxBackend:
         shape = [1, c.num_kv_heads, self.max_seq_len, c.head_dim]
         self.caches = [(self._host_buffer(ort, shape), self._host_buffer(ort, shape)) for _ in range(self.num_layers)]
         self.exit_cache = self._buffer(ort, [self.max_seq_len, self.dim])
-        self.logits = np.zeros((self.max_tokens_per_call, c.vocab_size), np.float32)
+        self.logits = np.zeros((self.max_tokens_per_call + 1, c.vocab_size), np.float32)  # + a pairing row
+        self.verify_row_multiple = 2 if manifest.quant != "none" and manifest.group_size >= 64 else 1
         # token ids and position live in two host arrays bound by pointer: a call writes them in place
         self.tokens = np.zeros((1, self.max_tokens_per_call), np.int64)
         self.position = np.zeros(1, np.int64)
@@ -206,13 +217,16 @@ class OnnxBackend:
         return self.logits[0]  # a view, valid until the next call
 
     def verify(self, pos, count):
+        start, rows = pos, max(2, count + count % self.verify_row_multiple)  # module docstring
+        if rows > count and pos > 0:
+            start = pos - 1
         m = self._get("verify")
-        m.bind_pointer("hidden", False, self.device, (1, count, self.dim), self._exit_rows(pos))
-        self._bind_position(m, pos)
-        self._bind_logits(m, (1, count, self.logits.shape[1]))
+        m.bind_pointer("hidden", False, self.device, (1, rows, self.dim), self._exit_rows(start))
+        self._bind_position(m, start)
+        self._bind_logits(m, (1, rows, self.logits.shape[1]))
         m.run()
-        m.write_new_rows(self.caches, pos)
-        return self.logits[:count]
+        m.write_new_rows(self.caches, start)
+        return self.logits[pos - start:pos - start + count]
 
     def forward(self, tokens, pos):
         m = self._get("forward")

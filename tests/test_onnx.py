@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -27,7 +28,13 @@ def fp32_onnx(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int4_onnx(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx4"), quant="int4")
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx4"), quant="int4")  # blocks of 64 here
+
+
+@pytest.fixture(scope="module")
+def int4_block32_onnx(tiny_checkpoint, tmp_path_factory):
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("onnx4b32"), quant="int4", group_size=32,
+                  methods=("draft", "verify"))
 
 
 def test_graphs_use_the_fused_attention_and_norms(fp32_onnx):
@@ -67,6 +74,40 @@ def test_greedy_self_speculation_equals_autoregressive(which, request):
     spec = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3))
     assert spec.tokens == ar.tokens == full.tokens
     assert 0 < spec.stats.accepted < spec.stats.drafted
+
+
+def verify_rows(backend, calls) -> np.ndarray:
+    """Logits of rows pos .. pos+4 after a prompt and five drafts: one 5-token verify, or five 1-token ones
+    (`calls` verifies `count` rows at `pos`)."""
+    backend.draft(PROMPT, 0)
+    backend.verify(0, len(PROMPT))
+    pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
+    for k, token in enumerate(tokens):
+        backend.draft([token], pos + k)
+    together = np.array(calls(pos, len(tokens)))
+    alone = np.stack([np.array(calls(pos + k, 1))[0] for k in range(len(tokens))])
+    return together, alone
+
+
+@pytest.mark.parametrize("which", ["fp32_onnx", "int4_onnx", "int4_block32_onnx"])
+def test_a_verify_row_has_the_bits_of_a_one_token_verify(which, request):
+    """Verify calls reach ONNX Runtime with at least 2 rows (an even count at blocks >= 64): a token's
+    logits are then the same bits in a 5-token and a 1-token verify, so greedy self-speculation equals
+    plain decoding by construction. Run as called (1 and 5 rows), rows differ: the check can fail."""
+    backend = open_artifact(request.getfixturevalue(which).directory).backend
+    together, alone = verify_rows(backend, backend.verify)
+    assert np.array_equal(together, alone)
+
+    def as_called(pos, count):
+        m = backend._get("verify")
+        m.bind_pointer("hidden", False, "cpu", (1, count, backend.dim), backend._exit_rows(pos))
+        backend._bind_position(m, pos)
+        backend._bind_logits(m, (1, count, backend.logits.shape[1]))
+        m.run()
+        return backend.logits[:count]
+
+    together, alone = verify_rows(backend, as_called)
+    assert not np.array_equal(together, alone)
 
 
 def test_a_method_is_cut_out_of_the_traced_graph_at_its_inputs():
