@@ -220,13 +220,17 @@ class OnnxBackend:
         start, rows = pos, max(2, count + count % self.verify_row_multiple)  # module docstring
         if rows > count and pos > 0:
             start = pos - 1
+        return self.verify_rows(start, rows)[pos - start:pos - start + count]
+
+    def verify_rows(self, start, rows):
+        """verify.onnx on exit-cache rows start .. start+rows-1 as they are (no padding): logits [rows, V]."""
         m = self._get("verify")
         m.bind_pointer("hidden", False, self.device, (1, rows, self.dim), self._exit_rows(start))
         self._bind_position(m, start)
         self._bind_logits(m, (1, rows, self.logits.shape[1]))
         m.run()
         m.write_new_rows(self.caches, start)
-        return self.logits[pos - start:pos - start + count]
+        return self.logits[:rows]
 
     def forward(self, tokens, pos):
         m = self._get("forward")

@@ -76,7 +76,7 @@ def test_greedy_self_speculation_equals_autoregressive(which, request):
     assert 0 < spec.stats.accepted < spec.stats.drafted
 
 
-def verify_rows(backend, calls) -> np.ndarray:
+def together_and_alone(backend, calls) -> tuple[np.ndarray, np.ndarray]:
     """Logits of rows pos .. pos+4 after a prompt and five drafts: one 5-token verify, or five 1-token ones
     (`calls` verifies `count` rows at `pos`)."""
     backend.draft(PROMPT, 0)
@@ -95,18 +95,10 @@ def test_a_verify_row_has_the_bits_of_a_one_token_verify(which, request):
     logits are then the same bits in a 5-token and a 1-token verify, so greedy self-speculation equals
     plain decoding by construction. Run as called (1 and 5 rows), rows differ: the check can fail."""
     backend = open_artifact(request.getfixturevalue(which).directory).backend
-    together, alone = verify_rows(backend, backend.verify)
+    together, alone = together_and_alone(backend, backend.verify)
     assert np.array_equal(together, alone)
 
-    def as_called(pos, count):
-        m = backend._get("verify")
-        m.bind_pointer("hidden", False, "cpu", (1, count, backend.dim), backend._exit_rows(pos))
-        backend._bind_position(m, pos)
-        backend._bind_logits(m, (1, count, backend.logits.shape[1]))
-        m.run()
-        return backend.logits[:count]
-
-    together, alone = verify_rows(backend, as_called)
+    together, alone = together_and_alone(backend, backend.verify_rows)  # the calls as made, unpadded
     assert not np.array_equal(together, alone)
 
 

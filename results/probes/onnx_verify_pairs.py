@@ -28,19 +28,7 @@ args = p.parse_args()
 opened = open_artifact(args.artifact, threads=1)
 backend = opened.backend
 paired = backend.verify
-
-
-def as_called(pos, count):  # the verify before padding
-    m = backend._get("verify")
-    m.bind_pointer("hidden", False, backend.device, (1, count, backend.dim), backend._exit_rows(pos))
-    backend._bind_position(m, pos)
-    backend._bind_logits(m, (1, count, backend.logits.shape[1]))
-    m.run()
-    m.write_new_rows(backend.caches, pos)
-    return backend.logits[:count]
-
-
-variants = {"as_called": as_called, "padded": paired}
+variants = {"as_called": backend.verify_rows, "padded": paired}  # verify_rows: the calls as made
 texts = [q["prompt"] for q in prompt_set("humaneval")[:args.limit]]
 prompts, _ = encode_prompts(opened, texts, args.max_new_tokens)
 d, eos = opened.num_speculations, tuple(opened.eos_token_ids)
