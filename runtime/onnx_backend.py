@@ -13,7 +13,9 @@ calls the same bits). int8 activations turn those last bits into tenths of a log
 model's layers. So padded, a token's verify logits have the same bits in a d+1-token verify as in a
 1-token one (tested), and greedy self-speculation equals plain decoding (draft + verify) by
 construction. The extra row is the one before the call, recomputed from its exit-cache row to the
-bits it already has (at position 0, the row after, never read before it is written again).
+bits it already has (at position 0, the row after, never read before it is written again). This
+holds for the default (gqa) graphs; the sdpa variant's softmax runs over past and new keys as two
+blocks whose boundary moves with the call, so there a row's bits still depend on where the call starts.
 
 With the CUDA provider the exit cache lives on the GPU and the KV caches stay on the host: ONNX
 Runtime's CUDA GroupQueryAttention takes fp16/bf16 only, so in our fp32-activation graphs that node
