@@ -466,20 +466,25 @@ def positions_table(runs: list[dict]) -> list[str]:
 
 def exactness_table(runs: list[dict]) -> list[str]:
     """Greedy self-speculation against plain decoding (draft + 1-token verify calls), per artifact, and
-    for the prompts where they part, by how much plain decoding preferred its own token there."""
+    for the prompts where they part, by how much plain decoding preferred its own token there; and against
+    plain decoding through the full-model call, another graph whose rounding may differ."""
     runs = [r for r in runs if "greedy_identical_fraction" in r["modes"]]
     if not runs:
         return []
     lines = ["", "Greedy self-speculation against plain decoding (gap: plain decoding's logit of its token minus "
                  "that of self-speculation's token, at the first token where they part):", "",
-             "| artifact | identical prompts | first divergences (prompt: token index, gap / top logit) |",
-             "|---|---|---|"]
+             "| artifact | identical prompts | first divergences (prompt: token index, gap / top logit) "
+             "| identical to the full-model call |",
+             "|---|---|---|---|"]
     for r in runs:
         m = r["modes"]
         parts = ", ".join(f"{v['prompt']}: {v['index']}, {v['gap']:.2g} / {v['top']:.1f}"
                           for v in m.get("greedy_divergences", []))
-        lines.append(f"| {r['label']} | {round(m['greedy_identical_fraction'] * r['prompts'])} of {r['prompts']} | "
-                     f"{parts or '-'} |")
+        full = m.get("greedy_identical_to_full_call_fraction")
+        n = r["prompts"]
+        same_as_full = "-" if full is None else f"{round(full * n)} of {n}"
+        lines.append(f"| {r['label']} | {round(m['greedy_identical_fraction'] * n)} of {n} | {parts or '-'} | "
+                     f"{same_as_full} |")
     return lines
 
 

@@ -105,6 +105,9 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
     if "spec" in runs and "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
         pairs = list(zip(runs["spec"][-1].tokens, runs["ar"][-1].tokens))
         out["greedy_identical_fraction"] = sum(a == b for a, b in pairs) / len(pairs)
+        if "ar_full" in runs:  # the full-model call is another graph: equal where its rounding agrees
+            full = zip(runs["spec"][-1].tokens, runs["ar_full"][-1].tokens)
+            out["greedy_identical_to_full_call_fraction"] = sum(a == b for a, b in full) / len(pairs)
         out["greedy_divergences"] = first_divergences(backend, prompts, runs["spec"][-1].tokens, runs["ar"][-1].tokens)
     baselines = [out[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in out]
     if "spec" in out and baselines:

@@ -50,11 +50,12 @@ def test_benchmark_markdown_lists_each_artifacts_first_divergences():
     divergence = {"prompt": 4, "index": 7, "ar_token": 11, "spec_token": 12, "top": 26.93, "gap": 0.1734,
                   "replayed": True}
     runs = [{"label": "pte int4", "prompts": 10,
-             "modes": {"greedy_identical_fraction": 0.9, "greedy_divergences": [divergence]}},
+             "modes": {"greedy_identical_fraction": 0.9, "greedy_divergences": [divergence],
+                       "greedy_identical_to_full_call_fraction": 0.8}},
             {"label": "pte fp32", "prompts": 10, "modes": {"greedy_identical_fraction": 1.0, "greedy_divergences": []}}]
     lines = exactness_table(runs)
-    assert "| pte int4 | 9 of 10 | 4: 7, 0.17 / 26.9 |" in lines
-    assert "| pte fp32 | 10 of 10 | - |" in lines
+    assert "| pte int4 | 9 of 10 | 4: 7, 0.17 / 26.9 | 8 of 10 |" in lines
+    assert "| pte fp32 | 10 of 10 | - | - |" in lines
 
 
 def test_peak_rss_reset_sees_a_new_allocation():
