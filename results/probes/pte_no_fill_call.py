@@ -12,7 +12,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -47,16 +46,6 @@ def trace_with_verify_last(trace):
                                              dynamic_shapes=({1: Dim("k", min=1, max=max_tokens - 1)}, None, None))
         return programs
     return traced
-
-
-def median_ms(fn, n=300):
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 p = argparse.ArgumentParser()
@@ -105,8 +94,8 @@ for s in range(0, pos, 8):
     b.draft(list(range(5, 13)), s)
     b.verify(s, 8)
 b.draft([5] * 6, pos)
-calls = {"draft_1 + verify_5": median_ms(lambda: (b.draft([5], pos + 4), b.verify(pos, 5))),
-         "verify_last (4 cached rows + 1)": median_ms(lambda: verify_last(pos, 4, 5))}
+calls = {"draft_1 + verify_5": measure._median_ms(lambda: (b.draft([5], pos + 4), b.verify(pos, 5)), 300),
+         "verify_last (4 cached rows + 1)": measure._median_ms(lambda: verify_last(pos, 4, 5), 300)}
 
 texts = [q["prompt"] for q in prompt_set("humaneval")[:30]]
 prompts, _ = encode_prompts(opened, texts, 128)
