@@ -46,10 +46,10 @@ def parse_args(argv=None) -> ExportConfig:
                    help="ONNX KV cache: gqa (ONNX Runtime's GroupQueryAttention, updated in place; default) "
                         "or sdpa (standard ONNX ops only)")
     p.add_argument("--pte-attention", default=d.pte_attention, choices=PTE_ATTENTION,
-                   help=".pte attention: custom_sdpa (ExecuTorch's kernel; default) or row_invariant (in XNNPACK ops "
-                        "whose rows do not depend on the call: a token's logits have the same bits in a verify as when "
-                        "decoded alone, so greedy self-speculation equals plain decoding by construction; self-"
-                        "speculation as fast, plain decoding of the artifact 10-28%% slower)")
+                   help=".pte attention of the verify method: row_invariant (default; XNNPACK ops whose rows do not "
+                        "depend on the call: a token's logits have the same bits in a verify as when decoded alone, so "
+                        "greedy self-speculation equals plain decoding by construction) or custom_sdpa (ExecuTorch's "
+                        "kernel, which rounds a row by the call's row count). The full-model method uses custom_sdpa")
     p.add_argument("--fused-draft", action="store_true",
                    help="also export draft_greedy (.pte only): d greedy drafts in one call; measured no faster "
                         "than d draft calls on XNNPACK here, and it packs the prefix weights a second time")

@@ -31,7 +31,7 @@ from runtime.decoding import check_draft_threshold
 from runtime.errors import UserError
 
 BACKENDS = ("xnnpack", "portable", "onnx", "all")
-PTE_ATTENTION = ("custom_sdpa", "row_invariant")  # see export/to_pte.py: RowInvariantKVCache
+PTE_ATTENTION = ("row_invariant", "custom_sdpa")  # see export/to_pte.py: RowInvariantKVCache
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per
 # scale (0: one scale per output channel, .pte only), halved until it divides every linear's input
@@ -65,7 +65,7 @@ class ExportConfig:
     out: Path = Path("artifacts")
     methods: tuple[str, ...] = DEFAULT_METHODS
     onnx_kv_cache: str = "gqa"  # "gqa" (ONNX Runtime contrib op, in-place) or "sdpa" (standard ops only)
-    pte_attention: str = "custom_sdpa"  # or "row_invariant": a row's bits do not depend on the call's row count
+    pte_attention: str = "row_invariant"  # verify rows get the same bits whatever the row count; or "custom_sdpa"
     draft_vocab: int = 0  # K > 0: drafts exit through a head over the K most frequent tokens only
     draft_threshold: Optional[float] = None  # tau stored in the manifest; None: the checkpoint's recommended (or 0)
     jobs: Optional[int] = None  # processes lowering .pte methods at once; None: the cores this process may use

@@ -58,11 +58,13 @@ class ExecuTorchBackend:
         self._token_views = [token_ids[:, :t] for t in range(self.max_tokens_per_call + 1)]  # [1, t] each
         self._position = torch.zeros(1, dtype=torch.long)
         self._position_np = self._position.numpy()
-        # --pte-attention row_invariant: verify and forward also take the key mask [T, L], L = pos + T.
+        # --pte-attention row_invariant: verify also takes the key mask [T, L], L = pos + T (and forward, in
+        # artifacts of its first version, whose full-model method attended the same way: no key_mask_methods).
         # Row t of it is `steps` read from max_seq_len - 1 - (pos + t): 0 up to the row's position, then -inf.
         s = self.max_seq_len
         self._steps = (np.concatenate([np.zeros(s, np.float32), np.full(s, -np.inf, np.float32)])
                        if manifest.extra.get("attention") == "row_invariant" else None)
+        self._forward_mask = self._steps is not None and "forward" in manifest.extra.get("key_mask_methods", ["forward"])
 
     def _key_mask(self, pos: int, count: int) -> tuple:
         """() for custom_sdpa artifacts, else (the key mask [count, L],)."""
@@ -115,7 +117,8 @@ class ExecuTorchBackend:
         return self._get("verify").execute((hidden, self._position) + self._key_mask(pos, count))[0].numpy()[0]
 
     def forward(self, tokens, pos):
-        return self._get("forward").execute(self._inputs(tokens, pos) + self._key_mask(pos, len(tokens)))[0].numpy()[0]
+        mask = self._key_mask(pos, len(tokens)) if self._forward_mask else ()
+        return self._get("forward").execute(self._inputs(tokens, pos) + mask)[0].numpy()[0]
 
     def reset(self):
         # The custom SDPA attends only to positions < start + T, so stale cache rows need no clearing.

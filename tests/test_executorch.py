@@ -29,19 +29,20 @@ def export(checkpoint, out, **kw):
 
 @pytest.fixture(scope="module")
 def fp32_pte(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("fp32"), methods=WITH_FUSED_DRAFT)
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("fp32"), methods=WITH_FUSED_DRAFT, pte_attention="custom_sdpa")
 
 
 @pytest.fixture(scope="module")
 def int4_pte(tiny_checkpoint, tmp_path_factory):
     return export(tiny_checkpoint, tmp_path_factory.mktemp("int4"), quant="int4", group_size=32,
-                  methods=WITH_FUSED_DRAFT)
+                  methods=WITH_FUSED_DRAFT, pte_attention="custom_sdpa")
 
 
 @pytest.fixture(scope="module")
 def row_invariant_pte(tiny_checkpoint, tmp_path_factory):
+    """The default attention (row_invariant)."""
     return export(tiny_checkpoint, tmp_path_factory.mktemp("rowinv"), quant="int4", group_size=32,
-                  methods=WITH_FUSED_DRAFT, pte_attention="row_invariant")
+                  methods=WITH_FUSED_DRAFT)
 
 
 @pytest.mark.parametrize("attention", ["custom_sdpa", "row_invariant"])
@@ -54,9 +55,10 @@ def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, 
 
 
 def test_row_invariant_attention_gives_each_verify_row_the_bits_of_a_one_token_call(row_invariant_pte):
-    """With --pte-attention row_invariant, a token's verify logits do not depend on how many tokens share
-    the call: the property that makes greedy self-speculation equal plain decoding by construction.
-    (The same check on a custom_sdpa artifact of this model differs by 9.5e-7, measured once.)"""
+    """With --pte-attention row_invariant (the default), a token's verify logits do not depend on how many
+    tokens share the call: the property that makes greedy self-speculation equal plain decoding by
+    construction. (The same check on a custom_sdpa artifact of this model differs by 9.5e-7, measured once.)
+    The full-model method keeps custom_sdpa, on caches of its own."""
     backend = open_artifact(row_invariant_pte.directory).backend
     backend.draft(PROMPT, 0)
     backend.verify(0, len(PROMPT))
@@ -66,9 +68,12 @@ def test_row_invariant_attention_gives_each_verify_row_the_bits_of_a_one_token_c
     together = np.array(backend.verify(pos, len(tokens)))
     alone = np.stack([np.array(backend.verify(pos + k, 1))[0] for k in range(len(tokens))])
     assert np.array_equal(together, alone)
-    ops = instructions(row_invariant_pte.path("program"), "forward")  # custom_sdpa only in the prefix layers
-    layers = row_invariant_pte.model_config["num_hidden_layers"]
-    assert ops["llama::custom_sdpa"] == row_invariant_pte.exit_layer and ops["llama::update_cache"] == 2 * layers
+    assert row_invariant_pte.extra["attention"] == "row_invariant"
+    layers, exit_layer = row_invariant_pte.model_config["num_hidden_layers"], row_invariant_pte.exit_layer
+    verify = instructions(row_invariant_pte.path("program"), "verify")
+    assert verify["llama::custom_sdpa"] == 0 and verify["llama::update_cache"] == 2 * (layers - exit_layer)
+    forward = instructions(row_invariant_pte.path("program"), "forward")
+    assert forward["llama::custom_sdpa"] == layers and forward["llama::update_cache"] == 2 * layers
 
 
 def test_full_model_method_matches_eager(tiny_checkpoint, fp32_pte):
@@ -231,33 +236,40 @@ def test_parallel_lowering_gives_the_same_program(tiny_checkpoint, per_channel_i
     assert max_diff(got[0], got[1]) == 0.0
 
 
-@pytest.mark.parametrize("quant,backend,methods", [("int4", "xnnpack", ("draft",)),
-                                                   ("none", "xnnpack", ("verify",)), ("none", "portable", ("draft",))])
-def test_fast_lowering_gives_executorchs_program(tiny_checkpoint, quant, backend, methods, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant,backend,methods,attention", [
+    ("int4", "xnnpack", ("draft",), "custom_sdpa"), ("none", "xnnpack", ("verify",), "custom_sdpa"),
+    ("none", "portable", ("draft",), "custom_sdpa"), ("none", "xnnpack", ("verify",), "row_invariant")])
+def test_fast_lowering_gives_executorchs_program(tiny_checkpoint, quant, backend, methods, attention, tmp_path,
+                                                 monkeypatch):
     """Our delegate() + to_executorch() (one decomposition, idle passes skipped, delegates' outputs from
-    their recorded shapes) against ExecuTorch's own to_edge_transform_and_lower + to_executorch with
-    every pass and every delegate run again, on the same model and methods."""
+    their recorded shapes where those describe them, else run again) against ExecuTorch's own
+    to_edge_transform_and_lower + to_executorch with every pass and every delegate run again, on the same
+    model, methods and partitioner. (row_invariant's verify has delegates whose output sizes are not an
+    input's, pos + T keys: those are run again.)"""
     from contextlib import nullcontext
 
     import export.idle_passes as idle_passes
     import export.to_pte as to_pte
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    def executorchs_delegate(programs, backend, constants=None):
-        return to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()] if backend == "xnnpack" else [],
+    def executorchs_delegate(programs, backend, constants=None):  # with our partitioner's choices (cache views)
+        partitioner = [to_pte.xnnpack_partitioner()] if backend == "xnnpack" else []
+        return to_edge_transform_and_lower(programs, partitioner=partitioner,
                                            constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
 
     described = []
     monkeypatch.setattr(idle_passes, "delegate_outputs",
                         lambda module, read=idle_passes.delegate_outputs: described.append(read(module)) or described[-1])
-    ours = export(tiny_checkpoint, tmp_path / "ours", quant=quant, methods=methods, backend=backend, jobs=1)
-    assert all(d is not None for d in described) and (len(described) > 0) == (backend == "xnnpack")
+    ours = export(tiny_checkpoint, tmp_path / "ours", quant=quant, methods=methods, backend=backend, jobs=1,
+                  pte_attention=attention)
+    described_all = all(d is not None for d in described)
+    assert (described_all if attention == "custom_sdpa" else any(described)) and (len(described) > 0) == (backend == "xnnpack")
     monkeypatch.setattr(to_pte, "delegate", executorchs_delegate)
     monkeypatch.setattr(to_pte, "idle_passes_skipped", nullcontext)
     monkeypatch.setattr(to_pte, "delegates_not_rerun", nullcontext)
-    theirs = export(tiny_checkpoint, tmp_path / "theirs", quant=quant, methods=methods, backend=backend, jobs=1)
+    theirs = export(tiny_checkpoint, tmp_path / "theirs", quant=quant, methods=methods, backend=backend, jobs=1,
+                    pte_attention=attention)
     assert program_without_grad_flags(ours.directory) == program_without_grad_flags(theirs.directory)
 
 
@@ -402,7 +414,7 @@ def test_export_cli_rejects_bad_input_in_one_line(tiny_checkpoint, tmp_path, fla
 
 
 def test_an_unknown_pte_attention_is_a_clear_error(tiny_checkpoint, tmp_path):
-    with pytest.raises(UserError, match="--pte-attention 'fast' is unknown; use one of custom_sdpa, row_invariant"):
+    with pytest.raises(UserError, match="--pte-attention 'fast' is unknown; use one of row_invariant, custom_sdpa"):
         ExportConfig(model=tiny_checkpoint, out=tmp_path, pte_attention="fast")
 
 
