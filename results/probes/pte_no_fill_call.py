@@ -1,6 +1,6 @@
 """Probe: issue 12's "no wasted call" on the .pte, measured.
 
-Exports the default int4 .pte with one more method, verify_last(hidden [1, k, dim], token [1, 1], input_pos)
+Exports the default int4 .pte (custom_sdpa attention, as measured) with one more method, verify_last(hidden [1, k, dim], token [1, 1], input_pos)
 -> (logits [1, k+1, V], hidden of the token [1, 1, dim]): layers [0, E) for the last draft at pos + k, then the
 verify layers on the k cached rows and that one. A step that drafts all d tokens then makes d draft calls
 and this call, instead of d + 1 draft calls and a verify. Measures the calls at position 200 and decode
@@ -55,8 +55,8 @@ p.add_argument("--json", required=True)
 args = p.parse_args()
 
 to_pte.trace = trace_with_verify_last(to_pte.trace)
-run_export(ExportConfig(out=Path(args.out), backend="xnnpack", quant="int4", jobs=1,
-                        methods=("draft", "verify", "forward", "verify_last")))
+run_export(ExportConfig(out=Path(args.out), backend="xnnpack", quant="int4", jobs=1, pte_attention="custom_sdpa",
+                        methods=("draft", "verify", "forward", "verify_last")))  # as measured: one set of caches
 opened = open_artifact(Path(args.out) / "pte", threads=1, preload=("draft", "verify", "forward", "verify_last"))
 b = opened.backend
 
