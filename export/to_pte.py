@@ -215,18 +215,19 @@ def trace(model: Transformer, methods: list[str], exit_layer: int, max_tokens: i
           draft_length: int = 1) -> dict[str, ExportedProgram]:
     tokens = Dim("tokens", min=1, max=max_tokens)
     keys = Dim("keys", min=2, max=model.max_seq_len)
+    key_mask = getattr(model, "key_mask", None)
     programs = {}
     with torch.no_grad():
         for name in methods:
             module = method_module(name, model, exit_layer, draft_length)
             inputs = example_inputs(name, model)
             dynamic = ({1: tokens}, None) if has_dynamic_tokens(name) else None
-            if getattr(model, "key_mask", None) is not None:
-                model.key_mask.current = None  # the other methods attend through custom_sdpa
-            if getattr(model, "key_mask", None) is not None and name in KEY_MASK_METHODS:
-                module = WithKeyMask(module, model.key_mask)
-                inputs += (torch.zeros(inputs[0].shape[1], 4),)  # [T, L]
-                dynamic += ({0: tokens, 1: keys},)
+            if key_mask is not None:
+                key_mask.current = None  # the other methods attend through custom_sdpa
+                if name in KEY_MASK_METHODS:
+                    module = WithKeyMask(module, key_mask)
+                    inputs += (torch.zeros(inputs[0].shape[1], 4),)  # [T, L]
+                    dynamic += ({0: tokens, 1: keys},)
             programs[name] = export(module, inputs, dynamic_shapes=dynamic, strict=False)
     return programs
 
@@ -501,8 +502,8 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
                cfg.max_tokens_per_call, r.num_speculations, backend, constants, directory / "model.pte", jobs)
     return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
                          methods=list(cfg.methods), quant=scheme, backend=backend,
-                         extra={"attention": cfg.pte_attention,
-                                **({"key_mask_methods": ["verify"]} if cfg.pte_attention == "row_invariant" else {})})
+                         extra={"attention": cfg.pte_attention, **({"key_mask_methods": list(KEY_MASK_METHODS)}
+                                                                   if cfg.pte_attention == "row_invariant" else {})})
 
 
 def runtime_constants(model: Transformer, exit_layer: int, max_seq_len: int, max_tokens: int) -> dict[str, int]:

@@ -28,6 +28,20 @@ def call_sequence(backend) -> list[np.ndarray]:
     return out
 
 
+def verify_together_and_alone(backend, verify=None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of rows pos .. pos+4 after a prompt and five drafts: one 5-token verify, and five 1-token ones.
+    `verify(pos, count)` makes the verify calls (default: the backend's own)."""
+    verify = verify or backend.verify
+    backend.draft(PROMPT, 0)
+    backend.verify(0, len(PROMPT))
+    pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
+    for k, token in enumerate(tokens):
+        backend.draft([token], pos + k)
+    together = np.array(verify(pos, len(tokens)))
+    alone = np.stack([np.array(verify(pos + k, 1))[0] for k in range(len(tokens))])
+    return together, alone
+
+
 def eager_reference(checkpoint, exit_layer: int, max_seq_len: int) -> list[np.ndarray]:
     model, _ = load_model(checkpoint)
     return call_sequence(EagerBackend(model, exit_layer, max_seq_len))

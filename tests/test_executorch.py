@@ -12,7 +12,7 @@ import torch
 
 from runtime.artifact import read_manifest
 from export.pipeline import ExportConfig, run_export
-from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff
+from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff, verify_together_and_alone
 from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -59,14 +59,7 @@ def test_row_invariant_attention_gives_each_verify_row_the_bits_of_a_one_token_c
     tokens share the call: the property that makes greedy self-speculation equal plain decoding by
     construction. (The same check on a custom_sdpa artifact of this model differs by 9.5e-7, measured once.)
     The full-model method keeps custom_sdpa, on caches of its own."""
-    backend = open_artifact(row_invariant_pte.directory).backend
-    backend.draft(PROMPT, 0)
-    backend.verify(0, len(PROMPT))
-    pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
-    for k, token in enumerate(tokens):
-        backend.draft([token], pos + k)
-    together = np.array(backend.verify(pos, len(tokens)))
-    alone = np.stack([np.array(backend.verify(pos + k, 1))[0] for k in range(len(tokens))])
+    together, alone = verify_together_and_alone(open_artifact(row_invariant_pte.directory).backend)
     assert np.array_equal(together, alone)
     assert row_invariant_pte.extra["attention"] == "row_invariant"
     layers, exit_layer = row_invariant_pte.model_config["num_hidden_layers"], row_invariant_pte.exit_layer

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from export.pipeline import ExportConfig, run_export
-from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff
+from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff, verify_together_and_alone
 from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -76,29 +76,16 @@ def test_greedy_self_speculation_equals_autoregressive(which, request):
     assert 0 < spec.stats.accepted < spec.stats.drafted
 
 
-def together_and_alone(backend, calls) -> tuple[np.ndarray, np.ndarray]:
-    """Logits of rows pos .. pos+4 after a prompt and five drafts: one 5-token verify, or five 1-token ones
-    (`calls` verifies `count` rows at `pos`)."""
-    backend.draft(PROMPT, 0)
-    backend.verify(0, len(PROMPT))
-    pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
-    for k, token in enumerate(tokens):
-        backend.draft([token], pos + k)
-    together = np.array(calls(pos, len(tokens)))
-    alone = np.stack([np.array(calls(pos + k, 1))[0] for k in range(len(tokens))])
-    return together, alone
-
-
 @pytest.mark.parametrize("which", ["fp32_onnx", "int4_onnx", "int4_block32_onnx"])
 def test_a_verify_row_has_the_bits_of_a_one_token_verify(which, request):
     """Verify calls reach ONNX Runtime with at least 2 rows (an even count at blocks >= 64): a token's
     logits are then the same bits in a 5-token and a 1-token verify, so greedy self-speculation equals
     plain decoding by construction. Run as called (1 and 5 rows), rows differ: the check can fail."""
     backend = open_artifact(request.getfixturevalue(which).directory).backend
-    together, alone = together_and_alone(backend, backend.verify)
+    together, alone = verify_together_and_alone(backend)
     assert np.array_equal(together, alone)
 
-    together, alone = together_and_alone(backend, backend.verify_rows)  # the calls as made, unpadded
+    together, alone = verify_together_and_alone(backend, backend.verify_rows)  # the calls as made, unpadded
     assert not np.array_equal(together, alone)
 
 
