@@ -61,10 +61,13 @@ class BenchConfig:
     out: Path = Path("bench_results")
     rss_only: bool = False
     positions: tuple[int, ...] = ()  # per-call costs also at these cache positions (calls_ms_by_position)
+    lookup: int = 0  # K > 0: also self-speculation with drafts looked up in the context (mode spec_lookup)
 
     def __post_init__(self):
         if self.repeats < 1 or self.limit < 1 or self.max_new_tokens < 2:
             raise UserError("--repeats and --limit must be >= 1 and --max-new-tokens >= 2.")
+        if self.lookup < 0:
+            raise UserError(f"--lookup {self.lookup} must be >= 0 (0 is off).")
         if any(p < 1 for p in self.positions):
             raise UserError(f"--positions {' '.join(map(str, self.positions))}: each must be >= 1.")
         if self.provider not in ("cpu", "cuda"):
@@ -135,7 +138,7 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
               "calls_ms": measure.per_call_latency(opened.backend, d),
               "draft_threshold": opened.draft_threshold,
               "modes": measure.run_modes(opened.backend, prompts, d, cfg.max_new_tokens, eos, cfg.repeats,
-                                         tau=opened.draft_threshold, peers=peers)}
+                                         tau=opened.draft_threshold, peers=peers, lookup=cfg.lookup)}
     for name, facts in built.items():
         record["modes"]["peers"][name].update(facts)
     if spec.get("provider", "cpu") != "cpu":
@@ -488,6 +491,29 @@ def exactness_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def lookup_table(runs: list[dict]) -> list[str]:
+    """Self-speculation with drafts looked up in the context (--lookup), against the same run's plain decoders."""
+    runs = [r for r in runs if measure.LOOKUP_MODE in r["modes"]]
+    if not runs:
+        return []
+    lines = ["", "With drafts looked up in the context (--lookup: a step whose last 2 tokens occurred earlier drafts "
+                 "what followed them, in one prefix call; greedy identity measured, not by construction):", "",
+             "| artifact | self-spec tok/s | with lookup tok/s | speedup | vs fastest plain | steps drafted by lookup "
+             "| acceptance | tokens/step | identical to plain (draft + verify) | to the full-model call |",
+             "|" + "---|" * 10]
+    for r in runs:
+        m, n = r["modes"], r["prompts"]
+        lk = m[measure.LOOKUP_MODE]
+        full = lk.get("greedy_identical_to_full_call_fraction")
+        vs_fastest = lk.get("speedup_vs_fastest_plain")
+        lines.append(f"| {r['label']} | {m['spec']['decode_tokens_per_s']:.1f} | {lk['decode_tokens_per_s']:.1f} | "
+                     f"**{lk['speedup']:.2f}x** | {'-' if vs_fastest is None else f'{vs_fastest:.2f}x'} | "
+                     f"{lk['lookup_step_fraction']:.0%} | {lk['acceptance_rate']:.2f} | {lk['mean_tokens_per_step']:.2f} | "
+                     f"{round(lk['greedy_identical_fraction'] * n)} of {n} | "
+                     f"{'-' if full is None else f'{round(full * n)} of {n}'} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     mach = results["machine"]
     baselines = [v for r in results["runs"] for v in (r.get("runtime_baseline_rss_mb") or {}).values() if v]
@@ -518,6 +544,7 @@ def markdown(results: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines += positions_table(results["runs"])
     lines += exactness_table(results["runs"])
+    lines += lookup_table(results["runs"])
     on_gpu = [r for r in results["runs"] if "greedy_identical_to_cpu_provider" in r]
     if on_gpu:
         lines += ["", "The same artifact on ONNX Runtime's CPU provider (GPU: "
@@ -581,6 +608,8 @@ def plots(results: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(runs)), 4))
         x = np.arange(len(runs))
         bars = [("ar", "AR draft+verify"), ("ar_full", "AR full call"), ("spec", "self-speculative")]
+        if any(measure.LOOKUP_MODE in r["modes"] for r in runs):
+            bars.append((measure.LOOKUP_MODE, "self-speculative + lookup"))
         peer_names = sorted({n for r in runs for n in r["modes"].get("peers", {})})
         if peer_names:  # one bar per artifact: the peer of its format
             bars.append(("peer", f"peer's plain decoding ({', '.join(peer_names)})"))
@@ -663,6 +692,8 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
     p.add_argument("--positions", type=int, nargs="*", default=[],
                    help="also measure every call's cost at these cache positions (e.g. 10 200 400 700)")
     p.add_argument("--rss-only", action="store_true", help="re-measure peak RSS of the runs in OUT/bench.json")
+    p.add_argument("--lookup", type=int, default=0, metavar="K",
+                   help="also measure self-speculation with up to K drafts looked up in the context (spec_lookup)")
     a = p.parse_args(argv)
     if a.rss_only:
         return BenchConfig(out=a.out, rss_only=True)
@@ -673,7 +704,7 @@ def parse_args(argv=None) -> Optional[BenchConfig]:
                        exit_layers=tuple(a.exit_layers), draft_lengths=tuple(a.draft_lengths),
                        draft_thresholds=tuple(a.draft_thresholds), sweep_target=a.sweep_target,
                        sweep_quant=a.sweep_quant, write_recommended=a.write_recommended, out=a.out,
-                       positions=tuple(a.positions))
+                       positions=tuple(a.positions), lookup=a.lookup)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,14 @@ Self-speculative step (t = last emitted token at position p, d = draft length, t
     accept  : greedy: longest prefix of drafts equal to the verifier's argmax, then its next token;
               sampling: accept x_i with prob min(1, p_i/q_i), else resample from norm(max(p - q, 0))
     rollback: the next step starts at p + accepted + 1; stale cache rows beyond it are overwritten.
+
+With --lookup K a step first looks in the context (prompt and output) for the latest earlier occurrence
+of its last LOOKUP_NGRAM tokens; the up to K tokens that followed it are the drafts, put through layers
+[0, E) in one call of K+1 rows (t and the drafts) instead of one call each, and verified as above (with
+sampling, as drafts drawn from a one-hot distribution, so the acceptance rule still samples the model's
+distribution). Steps without such an occurrence draft from the exit. The multi-row prefix call computes
+rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
+backend's kernels give a row the same bits at any row count: measured, not by construction (README).
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ class GenerationConfig:
     full_model_baseline: bool = False  # autoregressive through the backend's single full-model call
     fused_draft: bool = True  # greedy: draft all d tokens in one call when the backend has that method
     draft_threshold: float = 0.0  # tau: stop drafting when the exit's top-1 probability falls below it (0: off)
+    lookup: int = 0  # K: drafts looked up in the context, at most K per step (0: off; module docstring)
+    lookup_ngram: int = 2  # tokens matched by the lookup (1 proposes too often; 2 and 3 measured alike, README)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -56,6 +66,10 @@ class GenerationConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top-p {self.top_p} must be in (0, 1].")
         check_draft_threshold(self.draft_threshold)
+        if self.lookup < 0:
+            raise UserError(f"--lookup {self.lookup} must be >= 0 (0 is off; K: the most drafts looked up per step).")
+        if self.lookup_ngram < 1:
+            raise UserError(f"lookup_ngram {self.lookup_ngram} must be >= 1 (tokens matched).")
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +86,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     early_stops: int = 0  # steps that drafted fewer than d tokens (the draft threshold)
+    lookup_steps: int = 0  # steps whose drafts were looked up in the context (--lookup)
     steps: int = 0
     tokens_per_step: dict = field(default_factory=dict)  # histogram {tokens emitted in a step: steps}
     draft_calls: int = 0
@@ -101,6 +116,8 @@ class GenerationStats:
         if self.drafted:
             s += (f", acceptance {self.acceptance_rate:.2f}, {self.mean_tokens_per_step:.2f} tokens/step, "
                   f"{self.draft_calls} draft + {self.verify_calls} verify calls")
+        if self.lookup_steps:
+            s += f", {self.lookup_steps} of {self.steps} steps drafted by lookup"
         return s + f" (stop: {self.stop_reason})"
 
 
@@ -286,6 +303,9 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
     check_prompt(prompt, backend.max_seq_len)
     if cfg.full_model_baseline and not has_full_model(backend):
         raise UserError(f"the {backend.name} backend has no full-model method; drop --full-model.")
+    if cfg.lookup >= backend.max_tokens_per_call:
+        raise UserError(f"--lookup {cfg.lookup} drafts need {cfg.lookup + 1} rows in one call, but this artifact takes "
+                        f"at most {backend.max_tokens_per_call}; use --lookup {backend.max_tokens_per_call - 1} or fewer.")
     backend.reset()
     stats = GenerationStats(prompt_tokens=len(prompt))
     calls = TimedBackend(backend, stats)
@@ -294,6 +314,7 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
     logits = prefill_full(calls, backend, prompt) if cfg.full_model_baseline else prefill(calls, backend, prompt)
     token, _ = chooser.choose(logits)
     pos = len(prompt)  # position of `token`, the last emitted one, not yet in the caches
+    context = list(prompt) + [token] if cfg.lookup else None  # what --lookup searches
     done = out.emit([token])
     while not done:
         if pos >= backend.max_seq_len:
@@ -301,7 +322,13 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
             break
         room = backend.max_seq_len - 1 - pos  # drafts must fit at positions pos+1 .. pos+d
         if cfg.self_speculative and room > 0:
-            accepted, new = speculative_step(calls, chooser, token, pos, min(cfg.num_speculations, room))
+            looked_up = lookup_drafts(context, min(cfg.lookup, room), cfg.lookup_ngram) if cfg.lookup else []
+            if looked_up:
+                accepted, new = lookup_step(calls, chooser, token, pos, looked_up)
+            else:
+                accepted, new = speculative_step(calls, chooser, token, pos, min(cfg.num_speculations, room))
+            if context is not None:
+                context += new
         else:
             accepted, new = autoregressive_step(calls, chooser, token, pos, cfg.full_model_baseline)
         stats.steps += 1
@@ -333,6 +360,34 @@ def speculative_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos
     calls.stats.drafted += len(drafts)
     calls.stats.accepted += accepted
     calls.stats.early_stops += len(drafts) < d
+    return accepted, new
+
+
+def lookup_drafts(context: list[int], k: int, n: int) -> list[int]:
+    """The up to k tokens that followed the latest earlier occurrence of the context's last n tokens."""
+    tail = context[-n:]
+    for j in range(len(context) - n - 1, -1, -1):
+        if context[j] == tail[0] and context[j:j + n] == tail:
+            return context[j + n:j + n + k]
+    return []
+
+
+def lookup_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int,
+                drafts: list[int]) -> tuple[int, list[int]]:
+    """A step whose drafts came from the context: layers < E for t and the drafts in one call (exit-cache
+    rows pos .. pos+k), one verify. For sampling the drafts' distribution is one-hot."""
+    calls.draft([token] + drafts, pos)
+    verify_logits = calls.verify(pos, len(drafts) + 1)
+    if chooser.cfg.greedy:
+        draft_probs = [None] * len(drafts)
+    else:
+        draft_probs = [np.zeros(verify_logits.shape[-1]) for _ in drafts]
+        for q, x in zip(draft_probs, drafts):
+            q[x] = 1.0
+    accepted, new = chooser.accept(drafts, draft_probs, verify_logits)
+    calls.stats.drafted += len(drafts)
+    calls.stats.accepted += accepted
+    calls.stats.lookup_steps += 1
     return accepted, new
 
 

@@ -75,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--draft-threshold", type=float, metavar="TAU",
                    help="stop drafting when the exit's top-1 probability falls below TAU (default: the "
                         "recommended one; 0: always d drafts)")
+    p.add_argument("--lookup", type=int, default=0, metavar="K",
+                   help="also draft up to K tokens by looking up the context's last 2 tokens in the context (prompt "
+                        "lookup): one prefix call for all of them; greedy output equal to plain decoding as far as the "
+                        "kernels round rows alike (measured, not by construction; README); 0 (default): off")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens, self_speculative=not args.ar, num_speculations=opened.num_speculations,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             eos_token_ids=tuple(opened.eos_token_ids), full_model_baseline=args.full_model,
-            draft_threshold=opened.draft_threshold)
+            draft_threshold=opened.draft_threshold, lookup=args.lookup)
         if not args.json:
             sys.stdout.write(prompt)
         result, text = run_generation(opened, prompt, cfg, tuple(args.stop), None if args.json else sys.stdout)
@@ -130,11 +134,13 @@ def main(argv=None) -> int:
                           "stats": {**stats.to_dict(), "peak_rss_mb": peak_rss_mb()},
                           "settings": {**opened.facts, "mode": "autoregressive" if args.ar else "self_speculative",
                                        "num_speculations": cfg.num_speculations,
-                                       "draft_threshold": cfg.draft_threshold, "temperature": cfg.temperature,
+                                       "draft_threshold": cfg.draft_threshold, "lookup": cfg.lookup,
+                                       "temperature": cfg.temperature,
                                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}}))
     else:
         print(f"\n---\n[{'autoregressive' if args.ar else 'self-speculative'}, {opened.facts.get('backend')}, "
-              f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}, tau={cfg.draft_threshold:g}] "
+              f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}, tau={cfg.draft_threshold:g}"
+              f"{f', lookup {cfg.lookup}' if cfg.lookup else ''}] "
               f"{stats.summary()}", file=sys.stderr)
     if stats.stop_reason == "max_seq_len":
         print(f"note: generation stopped at the cache's {opened.backend.max_seq_len} positions; "

@@ -13,11 +13,14 @@ import numpy as np
 from runtime.decoding import GenerationConfig, generate, prefill
 
 MODES = ("ar", "ar_full", "spec")  # autoregressive via draft+verify, via the full-model call, self-speculative
+LOOKUP_MODE = "spec_lookup"  # self-speculative with drafts looked up in the context too (--lookup K)
 
 
-def mode_config(mode: str, d: int, max_new_tokens: int, eos: tuple[int, ...], tau: float = 0.0) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=max_new_tokens, self_speculative=mode == "spec", num_speculations=d,
-                            full_model_baseline=mode == "ar_full", eos_token_ids=eos, draft_threshold=tau)
+def mode_config(mode: str, d: int, max_new_tokens: int, eos: tuple[int, ...], tau: float = 0.0,
+                lookup: int = 0) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, self_speculative=mode in ("spec", LOOKUP_MODE),
+                            num_speculations=d, full_model_baseline=mode == "ar_full", eos_token_ids=eos,
+                            draft_threshold=tau, lookup=lookup if mode == LOOKUP_MODE else 0)
 
 
 @dataclass
@@ -34,10 +37,11 @@ class Pass:
     draft_ms_per_call: float
     verify_ms_per_call: float
     tokens: list  # per prompt, for the exactness check
+    lookup_step_fraction: float = 0.0  # steps drafted by lookup in the context (--lookup)
 
 
 def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:
-    decode_tokens = decode_s = drafted = accepted = steps = emitted = 0.0
+    decode_tokens = decode_s = drafted = accepted = steps = emitted = lookup_steps = 0.0
     draft_calls = verify_calls = draft_s = verify_s = 0.0
     ttfts, tokens, hist = [], [], {}
     for ids in prompts:
@@ -47,6 +51,7 @@ def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:
         decode_s += s.decode_time_s
         ttfts.append(s.time_to_first_token_s * 1000)
         drafted, accepted, steps = drafted + s.drafted, accepted + s.accepted, steps + s.steps
+        lookup_steps += s.lookup_steps
         emitted += sum(k * v for k, v in s.tokens_per_step.items())
         for k, v in s.tokens_per_step.items():
             hist[k] = hist.get(k, 0) + v
@@ -57,7 +62,8 @@ def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:
                 accepted / drafted if drafted else 0.0, emitted / steps if steps else 0.0,
                 drafted / steps if steps else 0.0, {str(k): v for k, v in sorted(hist.items())},
                 1000 * draft_s / draft_calls if draft_calls else 0.0,
-                1000 * verify_s / verify_calls if verify_calls else 0.0, tokens)
+                1000 * verify_s / verify_calls if verify_calls else 0.0, tokens,
+                lookup_steps / steps if steps else 0.0)
 
 
 def peer_pass(decoder, prompts: list[list[int]], max_new_tokens: int) -> Pass:
@@ -75,13 +81,15 @@ def peer_pass(decoder, prompts: list[list[int]], max_new_tokens: int) -> Pass:
 
 
 def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eos: tuple[int, ...],
-              repeats: int, modes=MODES, tau: float = 0.0, peers: Optional[dict] = None) -> dict:
+              repeats: int, modes=MODES, tau: float = 0.0, peers: Optional[dict] = None, lookup: int = 0) -> dict:
     """Each mode `repeats` times, interleaved, after one warm-up prompt each; medians and every repeat.
     `tau`: the draft threshold of self-speculation. `peers`: {name: decoder} whose plain decoding runs
-    interleaved with ours (runtime/peers.py); their greedy output is compared with our AR's."""
+    interleaved with ours (runtime/peers.py); their greedy output is compared with our AR's. `lookup`: K > 0
+    adds the mode spec_lookup (self-speculation with drafts looked up in the context, at most K)."""
     peers = peers or {}
     modes = [m for m in modes if m != "ar_full" or callable(getattr(backend, "forward", None))]
-    cfgs = {m: mode_config(m, d, max_new_tokens, eos, tau) for m in modes}
+    modes += [LOOKUP_MODE] if lookup else []
+    cfgs = {m: mode_config(m, d, max_new_tokens, eos, tau, lookup) for m in modes}
     for m in modes:
         generate(backend, prompts[0], cfgs[m])  # warm-up: first-call allocation, weight packing
     for decoder in peers.values():
@@ -101,7 +109,8 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
                   "acceptance_rate": best.acceptance_rate, "mean_tokens_per_step": best.mean_tokens_per_step,
                   "mean_drafts_per_step": best.mean_drafts_per_step,
                   "tokens_per_step_histogram": best.histogram, "draft_ms_per_call": best.draft_ms_per_call,
-                  "verify_ms_per_call": best.verify_ms_per_call}
+                  "verify_ms_per_call": best.verify_ms_per_call,
+                  **({"lookup_step_fraction": best.lookup_step_fraction} if m == LOOKUP_MODE else {})}
     if "spec" in runs and "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
         pairs = list(zip(runs["spec"][-1].tokens, runs["ar"][-1].tokens))
         out["greedy_identical_fraction"] = sum(a == b for a, b in pairs) / len(pairs)
@@ -109,7 +118,16 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
             full = zip(runs["spec"][-1].tokens, runs["ar_full"][-1].tokens)
             out["greedy_identical_to_full_call_fraction"] = sum(a == b for a, b in full) / len(pairs)
         out["greedy_divergences"] = first_divergences(backend, prompts, runs["spec"][-1].tokens, runs["ar"][-1].tokens)
+    if LOOKUP_MODE in runs and "ar" in runs:  # not by construction: measured
+        ours = runs[LOOKUP_MODE][-1].tokens
+        out[LOOKUP_MODE]["greedy_identical_fraction"] = sum(a == b for a, b in zip(ours, runs["ar"][-1].tokens)) / len(ours)
+        if "ar_full" in runs:
+            out[LOOKUP_MODE]["greedy_identical_to_full_call_fraction"] = sum(
+                a == b for a, b in zip(ours, runs["ar_full"][-1].tokens)) / len(ours)
+        out[LOOKUP_MODE]["greedy_divergences"] = first_divergences(backend, prompts, ours, runs["ar"][-1].tokens)
     baselines = [out[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in out]
+    if LOOKUP_MODE in out and baselines:
+        out[LOOKUP_MODE]["speedup"] = out[LOOKUP_MODE]["decode_tokens_per_s"] / max(baselines)
     if "spec" in out and baselines:
         out["speedup"] = out["spec"]["decode_tokens_per_s"] / max(baselines)
         out["speedup_vs"] = "ar_full" if out.get("ar_full", {}).get("decode_tokens_per_s", 0) >= out.get(
@@ -126,6 +144,9 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
         out["fastest_plain"] = max(plain, key=plain.get)
         if "spec" in out:
             out["speedup_vs_fastest_plain"] = out["spec"]["decode_tokens_per_s"] / plain[out["fastest_plain"]]
+        if LOOKUP_MODE in out:
+            out[LOOKUP_MODE]["speedup_vs_fastest_plain"] = (out[LOOKUP_MODE]["decode_tokens_per_s"]
+                                                            / plain[out["fastest_plain"]])
     return out
 
 

@@ -59,3 +59,21 @@ def copy_artifact(directory: Path, tmp_path: Path, **manifest_changes) -> Path:
         manifest = json.loads((copy / "manifest.json").read_text())
         (copy / "manifest.json").write_text(json.dumps({**manifest, **manifest_changes}))
     return copy
+
+
+def oracle_lookup(monkeypatch, prompt: list[int], continuation: list[int], k: int = 4) -> None:
+    """Make --lookup propose plain decoding's next k tokens at every step, the third of them wrong at every
+    other step: every step then drafts by lookup, and both full and partial acceptances occur."""
+    from runtime import decoding
+
+    calls = []
+
+    def propose(context, most, n):
+        done = len(context) - len(prompt)  # tokens emitted so far
+        drafts = list(continuation[done:done + min(k, most)])
+        calls.append(len(calls))
+        if len(calls) % 2 and len(drafts) > 2:
+            drafts[2] = (drafts[2] + 1) % 256
+        return drafts
+
+    monkeypatch.setattr(decoding, "lookup_drafts", propose)

@@ -29,6 +29,18 @@ def test_json_output_and_self_speculation_equals_autoregressive(tiny_checkpoint,
             "tokens_per_step", "draft_calls", "verify_calls", "peak_rss_mb"} <= set(spec["stats"])
 
 
+def test_lookup_reaches_the_decoding_loop(tiny_checkpoint, capsys, monkeypatch):
+    """The loop itself is tested in test_decoding.py (this random model's text does not repeat itself)."""
+    from runtime import decoding
+
+    asked = []
+    monkeypatch.setattr(decoding, "lookup_drafts", lambda context, k, n: asked.append((k, n)) or [])
+    common = ["--model", str(tiny_checkpoint), "--prompt", "def add(a, b):", "--max-new-tokens", "20"]
+    looked_up = run_json(capsys, *common, "--lookup", "6")
+    assert asked and set(asked) == {(6, 2)} and looked_up["settings"]["lookup"] == 6
+    assert looked_up["tokens"] == run_json(capsys, *common)["tokens"]
+
+
 def test_streaming_prints_the_text_and_a_summary(tiny_checkpoint, capsys):
     assert cli.main(["--model", str(tiny_checkpoint), "--prompt", "class Point:", "--max-new-tokens", "20"]) == 0
     out, err = capsys.readouterr()
@@ -61,6 +73,7 @@ def test_stop_string_ends_generation_there(tiny_checkpoint, capsys):
     (["--exit-layer", "4"], "pass --exit-layer between 1 and 3"),
     (["--num-speculations", "0"], "--num-speculations 0 must be >= 1"),
     (["--max-seq-len", "8"], "prompt has"),
+    (["--lookup", "-1"], "--lookup -1 must be >= 0"),
     (["--artifact", "/no/such/artifact"], "Artifact directory '/no/such/artifact' does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, args, message):

@@ -48,6 +48,27 @@ def test_adaptive_drafting_keeps_greedy_output_and_drafts_less(model, autoregres
     assert s.draft_calls == s.drafted + s.steps + 1  # + 1: the prompt
 
 
+def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():
+    context = [1, 2, 3, 9, 1, 2, 4, 5, 6, 1, 2]
+    assert decoding.lookup_drafts(context, 3, 2) == [4, 5, 6]  # the latest [1, 2] before the tail, not the first
+    assert decoding.lookup_drafts(context, 2, 2) == [4, 5]  # at most k
+    assert decoding.lookup_drafts(context, 8, 2) == [4, 5, 6, 1, 2]  # up to the end of the context
+    assert decoding.lookup_drafts(context, 3, 3) == []  # [6, 1, 2] never occurred before
+    assert decoding.lookup_drafts([7, 8, 7], 3, 1) == [8, 7]
+    assert decoding.lookup_drafts([7], 3, 2) == []
+
+
+@pytest.mark.parametrize("d,k", [(3, 4), (2, 8)])
+def test_greedy_with_looked_up_drafts_equals_autoregressive(model, autoregressive_tokens, d, k):
+    result = generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=150, num_speculations=d,
+                                                                            lookup=k))
+    assert result.tokens == autoregressive_tokens
+    s = result.stats
+    assert 0 < s.lookup_steps < s.steps, "expected steps drafted by lookup and steps drafted by the exit"
+    # a looked-up step puts its drafts through layers < E in one call; an exit step drafts in d + 1 calls
+    assert s.draft_calls == s.lookup_steps + (d + 1) * (s.steps - s.lookup_steps) + 1  # + 1: the prompt
+
+
 def test_a_higher_threshold_drafts_fewer_tokens(model):
     drafted = [generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(
         max_new_tokens=100, num_speculations=4, draft_threshold=tau)).stats.drafted / 100 for tau in (0.0, 0.08, 0.2)]
@@ -130,9 +151,10 @@ def goodness_of_fit(observed, exact) -> float:
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_k=6, top_p=0.9),
-                                      dict(temperature=1.0, draft_threshold=0.3)])
+                                      dict(temperature=1.0, draft_threshold=0.3),
+                                      dict(temperature=1.0, lookup=3, lookup_ngram=1)])
 def test_self_speculative_sampling_keeps_the_distribution(small_vocab_model, settings):
-    prompt = [3, 7]
+    prompt = [3, 7, 1, 5, 2, 3]  # with lookup: the first token is often one of these, whose followers are drafted
     cfg = GenerationConfig(max_new_tokens=2, num_speculations=2, **settings)
     exact = exact_second_token_distribution(small_vocab_model, prompt, cfg)
     backend, vocab = EagerBackend(small_vocab_model, 1, 64), small_vocab_model.config.vocab_size
@@ -143,6 +165,9 @@ def test_self_speculative_sampling_keeps_the_distribution(small_vocab_model, set
     if cfg.draft_threshold:  # the threshold must have cut some steps short and left others whole
         stats = [generate(backend, prompt, GenerationConfig(**{**cfg.__dict__, "seed": s})).stats for s in range(200)]
         assert 0 < sum(s.early_stops for s in stats) < sum(s.steps for s in stats)
+    if cfg.lookup:  # some second tokens came from looked-up drafts, others from the exit's
+        stats = [generate(backend, prompt, GenerationConfig(**{**cfg.__dict__, "seed": s})).stats for s in range(200)]
+        assert 0 < sum(s.lookup_steps for s in stats) < sum(s.steps for s in stats)
 
 
 def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
@@ -167,7 +192,8 @@ def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
 
 def test_bad_generation_settings_are_user_errors():
     for bad in (dict(num_speculations=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0),
-                dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1)):
+                dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1), dict(lookup=-1),
+                dict(lookup_ngram=0)):
         with pytest.raises(UserError):
             GenerationConfig(**bad)
 
@@ -181,3 +207,10 @@ def test_exit_layer_out_of_range(model, exit_layer):
 def test_prompt_longer_than_the_cache(model):
     with pytest.raises(UserError, match="prompt has 40 tokens but the cache holds 32"):
         generate(EagerBackend(model, 2, 32), list(range(40)), GenerationConfig())
+
+
+def test_more_looked_up_drafts_than_one_call_takes_is_a_user_error(model):
+    backend = EagerBackend(model, 2, 64)
+    backend.max_tokens_per_call = 8
+    with pytest.raises(UserError, match="--lookup 7 or fewer"):
+        generate(backend, PROMPT, GenerationConfig(max_new_tokens=4, lookup=8))

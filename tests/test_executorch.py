@@ -12,7 +12,8 @@ import torch
 
 from runtime.artifact import read_manifest
 from export.pipeline import ExportConfig, run_export
-from exported import PROMPT, call_sequence, copy_artifact, eager_reference, max_diff, verify_together_and_alone
+from exported import (PROMPT, call_sequence, copy_artifact, eager_reference, max_diff, oracle_lookup,
+                      verify_together_and_alone)
 from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -91,6 +92,18 @@ def test_greedy_self_speculation_equals_autoregressive_on_the_pte(which, request
     assert spec.tokens == one_by_one.tokens == ar.tokens == full.tokens
     assert spec.stats.accepted > 0 and spec.stats.accepted < spec.stats.drafted
     assert spec.stats.draft_calls < one_by_one.stats.draft_calls  # the fused draft_greedy method was used
+
+
+@pytest.mark.parametrize("which", ["fp32_pte", "row_invariant_pte"])
+def test_looked_up_drafts_go_through_the_prefix_in_one_call_and_keep_the_tokens(which, request, monkeypatch):
+    opened = open_artifact(request.getfixturevalue(which).directory)
+    ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False)).tokens
+    oracle_lookup(monkeypatch, PROMPT, ar)
+    result = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3, lookup=4))
+    s = result.stats
+    assert result.tokens == ar
+    assert s.lookup_steps == s.steps and s.draft_calls == s.steps + 1  # + 1: the prompt
+    assert 0 < s.accepted < s.drafted
 
 
 @pytest.fixture(scope="module")

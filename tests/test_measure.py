@@ -86,3 +86,21 @@ def test_benchmark_rows_of_two_models_at_one_scheme_are_told_apart_by_path():
     label_by_path_where_alike(runs)
     assert [r["label"] for r in runs] == ["pte/xnnpack 8da4w (a/pte)", "pte/xnnpack 8da4w (b/pte)",
                                           "onnx/onnxruntime int4"]
+
+
+def test_the_lookup_mode_is_measured_beside_the_others_and_tabled(tiny_checkpoint):
+    from runtime.bench import lookup_table
+
+    model, _ = load_model(tiny_checkpoint)
+    backend = EagerBackend(model, exit_layer=2, max_seq_len=192)
+    prompts = [[0, 5, 9, 33, 70], [1, 7, 3, 7, 3]]
+    out = measure.run_modes(backend, prompts, 3, 150, (), 1, lookup=4)
+    lk = out[measure.LOOKUP_MODE]
+    assert lk["greedy_identical_fraction"] == 1.0 and lk["greedy_identical_to_full_call_fraction"] == 1.0
+    assert 0 < lk["lookup_step_fraction"] < 1
+    assert lk["speedup"] == pytest.approx(lk["decode_tokens_per_s"] / max(out["ar"]["decode_tokens_per_s"],
+                                                                          out["ar_full"]["decode_tokens_per_s"]))
+    assert "lookup_step_fraction" not in out["spec"]
+    lines = lookup_table([{"label": "eager", "prompts": 2, "modes": out}])
+    assert lines[-1].startswith("| eager | ") and "| 2 of 2 | 2 of 2 |" in lines[-1]
+    assert lookup_table([{"label": "eager", "prompts": 2, "modes": {"spec": out["spec"]}}]) == []

@@ -1,0 +1,117 @@
+"""Probe: drafts looked up in the context (prompt-lookup decoding) inside LayerSkip self-speculation.
+
+A step at token t (position p) looks for the latest earlier occurrence of the last n tokens of the
+context (prompt + output) and proposes the up to K tokens that followed it. A proposal costs no draft
+call: it goes through layers [0, E) in one multi-row draft call (t and the proposal, rows p .. p+k) and
+is verified in one call; a step without a proposal is a normal LayerSkip step (exit drafts, tau).
+Greedy only. The multi-row draft call computes layers < E for several rows at once, where plain
+decoding computes them one row at a time, so greedy output equals plain decoding only as far as those
+kernels give a row the same bits at any row count (measured below, not by construction).
+
+Measures decode tok/s of full-call plain decoding, self-speculation and lookup + self-speculation,
+interleaved in one process (medians over --repeats), the lookup steps' acceptance, and greedy
+identity with full-call plain decoding, on the first --limit HumanEval prompts x 128 tokens.
+
+    python results/probes/lookup_drafts.py ARTIFACT [--n 2] [--K 8] [--repeats 3] [--json F.json]
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from runtime.bench import encode_prompts, machine, prompt_set  # noqa: E402
+from runtime.decoding import (Emitter, GenerationStats, TimedBackend, TokenChooser, check_prompt,  # noqa: E402
+                              generate, prefill, speculative_step)
+from runtime.loader import open_artifact  # noqa: E402
+from runtime.measure import mode_config  # noqa: E402
+
+
+def lookup(context: list[int], n: int, k: int) -> list[int]:
+    """The up to k tokens that followed the latest earlier occurrence of the context's last n tokens."""
+    tail = context[-n:]
+    for j in range(len(context) - n - 1, -1, -1):
+        if context[j:j + n] == tail:
+            return context[j + n:j + n + k]
+    return []
+
+
+def lookup_generate(backend, prompt, cfg, n: int, k: int, counts: dict):
+    check_prompt(prompt, backend.max_seq_len)
+    backend.reset()
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    calls, chooser, out = TimedBackend(backend, stats), TokenChooser(cfg), Emitter(cfg, stats, None)
+    token, _ = chooser.choose(prefill(calls, backend, prompt))
+    context, pos = list(prompt) + [token], len(prompt)
+    done = out.emit([token])
+    while not done and pos < backend.max_seq_len - 1:
+        room = backend.max_seq_len - 1 - pos
+        proposal = lookup(context, n, min(k, room))
+        if proposal:
+            calls.draft([token] + proposal, pos)  # layers < E: rows pos .. pos + len(proposal)
+            accepted, new = chooser.accept(proposal, [None] * len(proposal), calls.verify(pos, len(proposal) + 1))
+            counts["lookup_steps"] += 1
+            counts["proposed"] += len(proposal)
+            counts["accepted"] += accepted
+        else:
+            accepted, new = speculative_step(calls, chooser, token, pos, min(cfg.num_speculations, room))
+        counts["steps"] += 1
+        pos += accepted + 1
+        token = new[-1]
+        context += new
+        done = out.emit(new)
+    return out.finish()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact")
+    ap.add_argument("--limit", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n", type=int, default=2, help="tokens matched")
+    ap.add_argument("--K", type=int, default=8, help="most tokens proposed")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    opened = open_artifact(a.artifact, threads=1)
+    backend = opened.backend
+    prompts, _ = encode_prompts(opened, [p["prompt"] for p in prompt_set("humaneval")[:a.limit]], 128)
+    eos, d, tau = tuple(opened.eos_token_ids), opened.num_speculations, opened.draft_threshold
+    tok_s = {m: [] for m in ("ar_full", "spec", "lookup")}
+    tokens, counts = {}, {}
+    for _ in range(a.repeats):
+        for mode in tok_s:
+            c = {"steps": 0, "lookup_steps": 0, "proposed": 0, "accepted": 0}
+            decoded = seconds = 0.0
+            outs = []
+            for ids in prompts:
+                if mode == "lookup":
+                    result = lookup_generate(backend, ids, mode_config("spec", d, 128, eos, tau), a.n, a.K, c)
+                else:
+                    result = generate(backend, ids, mode_config(mode, d, 128, eos, tau))
+                decoded += result.stats.generated_tokens - 1
+                seconds += result.stats.decode_time_s
+                outs.append(result.tokens)
+            tok_s[mode].append(decoded / seconds)
+            tokens[mode], counts[mode] = outs, c
+            print(f"{mode}: {decoded / seconds:.0f} tok/s", file=sys.stderr, flush=True)
+    plain = statistics.median(tok_s["ar_full"])
+    record = {"machine": machine(), "artifact": a.artifact, "n": a.n, "K": a.K, "d": d, "tau": tau,
+              "prompts": len(prompts), "repeats": a.repeats}
+    for mode, runs in tok_s.items():
+        c = counts[mode]
+        record[mode] = {"tok_s": statistics.median(runs), "tok_s_repeats": runs,
+                        "vs_full_call_plain": statistics.median(runs) / plain,
+                        "identical_to_full_call_plain": sum(x == y for x, y in zip(tokens[mode], tokens["ar_full"])),
+                        **({"lookup_steps": c["lookup_steps"], "steps": c["steps"],
+                            "lookup_acceptance": c["accepted"] / max(c["proposed"], 1),
+                            "tokens_per_lookup_step": (c["accepted"] + c["lookup_steps"]) / max(c["lookup_steps"], 1)}
+                           if mode == "lookup" else {})}
+        print(f"{mode:8s} {record[mode]['tok_s']:7.0f} tok/s  {record[mode]['vs_full_call_plain']:.3f}x full-call plain, "
+              f"identical {record[mode]['identical_to_full_call_plain']}/{len(prompts)}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
