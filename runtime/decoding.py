@@ -11,8 +11,8 @@ Self-speculative step (t = last emitted token at position p, d = draft length, t
     rollback: the next step starts at p + accepted + 1; stale cache rows beyond it are overwritten.
 
 With --lookup K a step first looks in the context (prompt and output) for the latest earlier occurrence
-of its last LOOKUP_NGRAM tokens; the up to K tokens that followed it are the drafts, put through layers
-[0, E) in one call of K+1 rows (t and the drafts) instead of one call each, and verified as above (with
+of its last n tokens (lookup_ngram, 2); the up to K tokens that followed it are the drafts, put through
+layers [0, E) in one call of k+1 rows (t and the drafts) instead of one call each, and verified as above (with
 sampling, as drafts drawn from a one-hot distribution, so the acceptance rule still samples the model's
 distribution). Steps without such an occurrence draft from the exit. The multi-row prefix call computes
 rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
