@@ -61,19 +61,27 @@ def copy_artifact(directory: Path, tmp_path: Path, **manifest_changes) -> Path:
     return copy
 
 
-def oracle_lookup(monkeypatch, prompt: list[int], continuation: list[int], k: int = 4) -> None:
+def check_looked_up_drafts_keep_the_tokens(backend, monkeypatch, k: int = 4) -> None:
     """Make --lookup propose plain decoding's next k tokens at every step, the third of them wrong at every
-    other step: every step then drafts by lookup, and both full and partial acceptances occur."""
+    other step (so both full and partial acceptances occur), and check that every step then drafts by
+    lookup in one prefix call and decodes plain decoding's tokens."""
     from runtime import decoding
+    from runtime.decoding import GenerationConfig, generate
 
-    calls = []
+    plain = generate(backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False)).tokens
+    steps = []
 
     def propose(context, most, n):
-        done = len(context) - len(prompt)  # tokens emitted so far
-        drafts = list(continuation[done:done + min(k, most)])
-        calls.append(len(calls))
-        if len(calls) % 2 and len(drafts) > 2:
+        done = len(context) - len(PROMPT)  # tokens emitted so far
+        drafts = list(plain[done:done + min(k, most)])
+        steps.append(None)
+        if len(steps) % 2 and len(drafts) > 2:
             drafts[2] = (drafts[2] + 1) % 256
         return drafts
 
     monkeypatch.setattr(decoding, "lookup_drafts", propose)
+    result = generate(backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3, lookup=k))
+    s = result.stats
+    assert result.tokens == plain
+    assert s.lookup_steps == s.steps and s.draft_calls == s.steps + 1  # + 1: the prompt
+    assert 0 < s.accepted < s.drafted

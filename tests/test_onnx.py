@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from export.pipeline import ExportConfig, run_export
-from exported import (PROMPT, call_sequence, copy_artifact, eager_reference, max_diff, oracle_lookup,
-                      verify_together_and_alone)
+from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact, eager_reference,
+                      max_diff, verify_together_and_alone)
 from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -79,14 +79,7 @@ def test_greedy_self_speculation_equals_autoregressive(which, request):
 
 @pytest.mark.parametrize("which", ["fp32_onnx", "int4_onnx"])
 def test_looked_up_drafts_go_through_the_prefix_in_one_call_and_keep_the_tokens(which, request, monkeypatch):
-    opened = open_artifact(request.getfixturevalue(which).directory)
-    ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False)).tokens
-    oracle_lookup(monkeypatch, PROMPT, ar)
-    result = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3, lookup=4))
-    s = result.stats
-    assert result.tokens == ar
-    assert s.lookup_steps == s.steps and s.draft_calls == s.steps + 1  # + 1: the prompt
-    assert 0 < s.accepted < s.drafted
+    check_looked_up_drafts_keep_the_tokens(open_artifact(request.getfixturevalue(which).directory).backend, monkeypatch)
 
 
 @pytest.mark.parametrize("which", ["fp32_onnx", "int4_onnx", "int4_block32_onnx"])
