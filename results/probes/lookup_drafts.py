@@ -8,9 +8,11 @@ Greedy only. The multi-row draft call computes layers < E for several rows at on
 decoding computes them one row at a time, so greedy output equals plain decoding only as far as those
 kernels give a row the same bits at any row count (measured below, not by construction).
 
-Measures decode tok/s of full-call plain decoding, self-speculation and lookup + self-speculation,
-interleaved in one process (medians over --repeats), the lookup steps' acceptance, and greedy
-identity with full-call plain decoding, on the first --limit HumanEval prompts x 128 tokens.
+Measures decode tok/s of plain decoding (draft + verify calls, and the full-model call),
+self-speculation and lookup + self-speculation, interleaved in one process (medians over --repeats),
+the lookup steps' acceptance, and greedy identity with both plain decoders, on the first --limit
+HumanEval prompts x --max-new-tokens. (The sweep and k8 JSONs were made before the draft + verify
+plain decoder was added.)
 
     python results/probes/lookup_drafts.py ARTIFACT [--n 2] [--K 8] [--repeats 3] [--json F.json]
 """
@@ -71,13 +73,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n", type=int, default=2, help="tokens matched")
     ap.add_argument("--K", type=int, default=8, help="most tokens proposed")
+    ap.add_argument("--num-speculations", type=int, help="d of exit drafting (default: the artifact's)")
+    ap.add_argument("--draft-threshold", type=float, help="tau of exit drafting (default: the artifact's; near 1: "
+                                                           "steps without a lookup decode one token, as plain decoding)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--json")
     a = ap.parse_args()
     opened = open_artifact(a.artifact, threads=1)
     backend = opened.backend
-    prompts, _ = encode_prompts(opened, [p["prompt"] for p in prompt_set("humaneval")[:a.limit]], 128)
-    eos, d, tau = tuple(opened.eos_token_ids), opened.num_speculations, opened.draft_threshold
-    tok_s = {m: [] for m in ("ar_full", "spec", "lookup")}
+    prompts, _ = encode_prompts(opened, [p["prompt"] for p in prompt_set("humaneval")[:a.limit]], a.max_new_tokens)
+    eos = tuple(opened.eos_token_ids)
+    d = a.num_speculations or opened.num_speculations
+    tau = opened.draft_threshold if a.draft_threshold is None else a.draft_threshold
+    tok_s = {m: [] for m in ("ar", "ar_full", "spec", "lookup")}
     tokens, counts = {}, {}
     for _ in range(a.repeats):
         for mode in tok_s:
@@ -86,9 +94,9 @@ def main():
             outs = []
             for ids in prompts:
                 if mode == "lookup":
-                    result = lookup_generate(backend, ids, mode_config("spec", d, 128, eos, tau), a.n, a.K, c)
+                    result = lookup_generate(backend, ids, mode_config("spec", d, a.max_new_tokens, eos, tau), a.n, a.K, c)
                 else:
-                    result = generate(backend, ids, mode_config(mode, d, 128, eos, tau))
+                    result = generate(backend, ids, mode_config(mode, d, a.max_new_tokens, eos, tau))
                 decoded += result.stats.generated_tokens - 1
                 seconds += result.stats.decode_time_s
                 outs.append(result.tokens)
@@ -97,18 +105,20 @@ def main():
             print(f"{mode}: {decoded / seconds:.0f} tok/s", file=sys.stderr, flush=True)
     plain = statistics.median(tok_s["ar_full"])
     record = {"machine": machine(), "artifact": a.artifact, "n": a.n, "K": a.K, "d": d, "tau": tau,
-              "prompts": len(prompts), "repeats": a.repeats}
+              "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "repeats": a.repeats}
     for mode, runs in tok_s.items():
         c = counts[mode]
         record[mode] = {"tok_s": statistics.median(runs), "tok_s_repeats": runs,
                         "vs_full_call_plain": statistics.median(runs) / plain,
                         "identical_to_full_call_plain": sum(x == y for x, y in zip(tokens[mode], tokens["ar_full"])),
+                        "identical_to_plain": sum(x == y for x, y in zip(tokens[mode], tokens["ar"])),
                         **({"lookup_steps": c["lookup_steps"], "steps": c["steps"],
                             "lookup_acceptance": c["accepted"] / max(c["proposed"], 1),
                             "tokens_per_lookup_step": (c["accepted"] + c["lookup_steps"]) / max(c["lookup_steps"], 1)}
                            if mode == "lookup" else {})}
         print(f"{mode:8s} {record[mode]['tok_s']:7.0f} tok/s  {record[mode]['vs_full_call_plain']:.3f}x full-call plain, "
-              f"identical {record[mode]['identical_to_full_call_plain']}/{len(prompts)}")
+              f"identical {record[mode]['identical_to_full_call_plain']}/{len(prompts)} "
+              f"(to draft + verify plain decoding {record[mode]['identical_to_plain']})")
     if a.json:
         Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
 
