@@ -69,6 +69,7 @@ class ExportConfig:
     draft_vocab: int = 0  # K > 0: drafts exit through a head over the K most frequent tokens only
     draft_threshold: Optional[float] = None  # tau stored in the manifest; None: the checkpoint's recommended (or 0)
     jobs: Optional[int] = None  # processes lowering .pte methods at once; None: the cores this process may use
+    pad_drafts: bool = False  # ONNX: draft calls padded as verify calls are, so --lookup is exact (runtime/onnx_backend.py)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -87,6 +88,9 @@ class ExportConfig:
             check_draft_threshold(self.draft_threshold)
         if self.jobs is not None and self.jobs < 1:
             raise UserError(f"--jobs {self.jobs} must be >= 1 (1: lower every method in this process).")
+        if self.pad_drafts and "onnx" not in self.targets():
+            raise UserError("--pad-drafts is for .onnx artifacts (ONNX Runtime computes a row alike in calls of 2+ "
+                            "rows; ExecuTorch's custom_sdpa does not): add --backend onnx or all, or drop it.")
         if self.draft_vocab < 0:
             raise UserError(f"--draft-vocab {self.draft_vocab} must be >= 0 (0: the full head).")
         if self.max_seq_len is not None and self.max_seq_len < self.max_tokens_per_call:

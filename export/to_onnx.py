@@ -233,4 +233,5 @@ def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
     files = stages.run("save", save_shared, protos, directory)
     stages.run("check", check, directory, files)
     return base_manifest(cfg, r, model, format="onnx", files=files, file_sizes={}, methods=methods,
-                         quant=scheme, backend="onnxruntime", extra={"kv_cache": kind})
+                         quant=scheme, backend="onnxruntime",
+                         extra={"kv_cache": kind, **({"pad_drafts": True} if cfg.pad_drafts else {})})

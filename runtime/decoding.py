@@ -16,7 +16,8 @@ layers [0, E) in one call of k+1 rows (t and the drafts) instead of one call eac
 sampling, as drafts drawn from a one-hot distribution, so the acceptance rule still samples the model's
 distribution). Steps without such an occurrence draft from the exit. The multi-row prefix call computes
 rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
-backend's kernels give a row the same bits at any row count: measured, not by construction (README).
+backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
+with --pad-drafts (runtime/onnx_backend.py), as measured elsewhere (README).
 """
 
 from __future__ import annotations

@@ -77,8 +77,9 @@ def parse_args(argv=None):
                         "recommended one; 0: always d drafts)")
     p.add_argument("--lookup", type=int, default=0, metavar="K",
                    help="also draft up to K tokens by looking up the context's last 2 tokens in the context (prompt "
-                        "lookup): one prefix call for all of them; greedy output equal to plain decoding as far as the "
-                        "kernels round rows alike (measured, not by construction; README); 0 (default): off")
+                        "lookup): one prefix call for all of them; greedy output equal to plain decoding by "
+                        "construction on .onnx artifacts exported with --pad-drafts, as measured elsewhere (README); "
+                        "0 (default): off")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from a file")

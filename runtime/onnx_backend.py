@@ -13,7 +13,13 @@ calls the same bits). int8 activations turn those last bits into tenths of a log
 model's layers. So padded, a token's verify logits have the same bits in a d+1-token verify as in a
 1-token one (tested), and greedy self-speculation equals plain decoding (draft + verify) by
 construction. The extra row is the one before the call, recomputed from its exit-cache row to the
-bits it already has (at position 0, the row after, never read before it is written again). This
+bits it already has (at position 0, the row after, never read before it is written again).
+Artifacts exported with --pad-drafts pad draft calls the same way (the row before, from its token id,
+recomputed to the bits it has; at position 0 a copy of the last token after, written again before it
+is read, so that a padded draft at position 0 returns that copy's exit logits, which prefill, the one
+caller there, does not read): then a multi-row draft of tokens looked up in the context (--lookup)
+gives each row the bits of plain decoding's 1-row draft calls, and greedy output with --lookup equals
+plain decoding by construction too. This
 holds for the default (gqa) graphs; the sdpa variant's softmax runs over past and new keys as two
 blocks whose boundary moves with the call, so there a row's bits still depend on where the call starts.
 
@@ -168,6 +174,8 @@ class OnnxBackend:
         self.exit_cache = self._buffer(ort, [self.max_seq_len, self.dim])
         self.logits = np.zeros((self.max_tokens_per_call + 1, c.vocab_size), np.float32)  # + a pairing row
         self.verify_row_multiple = 2 if manifest.quant != "none" and manifest.group_size >= 64 else 1
+        self.pad_drafts = bool(manifest.extra.get("pad_drafts"))  # module docstring
+        self.token_ids = np.zeros(self.max_seq_len, np.int64)  # the token drafted at each position (--pad-drafts)
         # token ids and position live in two host arrays bound by pointer: a call writes them in place
         self.tokens = np.zeros((1, self.max_tokens_per_call), np.int64)
         self.position = np.zeros(1, np.int64)
@@ -208,6 +216,16 @@ class OnnxBackend:
         method.bind_pointer("input_pos", False, "cpu", (1,), self.position.ctypes.data, np.int64)
 
     def draft(self, tokens, pos):
+        count = len(tokens)
+        self.token_ids[pos:pos + count] = tokens
+        if self.pad_drafts and count < max(2, count + count % self.verify_row_multiple):  # module docstring
+            if pos > 0:
+                return self.draft_rows([int(self.token_ids[pos - 1]), *tokens], pos - 1)
+            return self.draft_rows([*tokens, tokens[-1]], pos)
+        return self.draft_rows(tokens, pos)
+
+    def draft_rows(self, tokens, pos):
+        """draft.onnx on the tokens as given (no padding): the last one's exit logits [V]."""
         t = len(tokens)
         m = self._get("draft")
         self._bind_tokens(m, tokens)

@@ -1,5 +1,6 @@
 """The .onnx artifact: numerics against eager, exact self-speculation, weights stored once, bad input."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,42 @@ def test_a_verify_row_has_the_bits_of_a_one_token_verify(which, request):
 
     together, alone = verify_together_and_alone(backend, backend.verify_rows)  # the calls as made, unpadded
     assert not np.array_equal(together, alone)
+
+
+def drafts_together_and_alone(backend) -> tuple[np.ndarray, np.ndarray]:
+    """Exit-cache rows and verify logits of five tokens after the prompt: drafted in one call, and one by one."""
+    out = []
+    for together in (True, False):
+        backend.draft(PROMPT, 0)
+        backend.verify(0, len(PROMPT))
+        pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
+        if together:
+            backend.draft(tokens, pos)
+        else:
+            for k, token in enumerate(tokens):
+                backend.draft([token], pos + k)
+        out.append((backend.exit_cache.numpy()[pos:pos + 5].copy(), np.array(backend.verify(pos, 5))))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("which", ["fp32_onnx", "int4_onnx"])
+def test_padded_drafts_give_a_row_the_bits_of_a_one_token_draft(which, request, tmp_path):
+    """--pad-drafts: a multi-row draft (tokens looked up in the context) leaves each row's layer-E state and
+    verify logits with the bits of 1-token drafts, so --lookup equals plain decoding by construction.
+    Without it they differ: the check can fail."""
+    manifest = request.getfixturevalue(which)
+    extra = json.loads((manifest.directory / "manifest.json").read_text())["extra"]
+    padded = open_artifact(copy_artifact(manifest.directory, tmp_path, extra={**extra, "pad_drafts": True})).backend
+    (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(padded)
+    assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
+    (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(open_artifact(manifest.directory).backend)
+    assert not np.array_equal(rows, rows_alone)
+
+
+def test_pad_drafts_is_for_onnx_artifacts_only(tiny_checkpoint):
+    with pytest.raises(UserError, match="--pad-drafts is for .onnx artifacts"):
+        ExportConfig(model=tiny_checkpoint, backend="xnnpack", pad_drafts=True)
+    assert ExportConfig(model=tiny_checkpoint, backend="all", pad_drafts=True).pad_drafts
 
 
 def test_a_method_is_cut_out_of_the_traced_graph_at_its_inputs():
@@ -301,7 +338,9 @@ def test_the_recommended_draft_threshold_travels_to_the_runtime(tiny_checkpoint,
     opened = open_artifact(manifest.directory)
     assert opened.draft_threshold == 0.1
     assert open_artifact(manifest.directory, draft_threshold=0.0).draft_threshold == 0.0
-    assert export(checkpoint, tmp_path / "b", methods=("draft", "verify"), draft_threshold=0.7).draft_threshold == 0.7
+    padded = export(checkpoint, tmp_path / "b", methods=("draft", "verify"), draft_threshold=0.7, pad_drafts=True)
+    assert padded.draft_threshold == 0.7 and padded.extra["pad_drafts"] and "pad_drafts" not in manifest.extra
+    assert open_artifact(padded.directory).backend.pad_drafts and not opened.backend.pad_drafts
     ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=40, self_speculative=False))
     spec = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=40, num_speculations=3,
                                                              draft_threshold=opened.draft_threshold))
