@@ -177,7 +177,7 @@ class OnnxBackend:
         self.pad_drafts = bool(manifest.extra.get("pad_drafts"))  # module docstring
         self.token_ids = np.zeros(self.max_seq_len, np.int64)  # the token drafted at each position (--pad-drafts)
         # token ids and position live in two host arrays bound by pointer: a call writes them in place
-        self.tokens = np.zeros((1, self.max_tokens_per_call), np.int64)
+        self.tokens = np.zeros((1, self.max_tokens_per_call + 1), np.int64)  # + a padding row (--pad-drafts)
         self.position = np.zeros(1, np.int64)
         # Sessions are created when first used (each holds its own weights), `preload` up front.
         self._sessions: dict[str, OnnxMethod] = {}

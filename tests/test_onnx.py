@@ -124,6 +124,11 @@ def test_padded_drafts_give_a_row_the_bits_of_a_one_token_draft(which, request, 
     assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
     (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(open_artifact(manifest.directory).backend)
     assert not np.array_equal(rows, rows_alone)
+    # prompt chunks of an odd size get their padding row too (the token buffer holds one row more)
+    odd = open_artifact(copy_artifact(manifest.directory, tmp_path / "odd", max_tokens_per_call=7,
+                                      extra={**extra, "pad_drafts": True})).backend
+    ar = generate(odd, PROMPT, GenerationConfig(max_new_tokens=30, self_speculative=False))
+    assert generate(odd, PROMPT, GenerationConfig(max_new_tokens=30, num_speculations=3, lookup=6)).tokens == ar.tokens
 
 
 def test_pad_drafts_is_for_onnx_artifacts_only(tiny_checkpoint):
