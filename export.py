@@ -49,7 +49,10 @@ def parse_args(argv=None) -> ExportConfig:
                    help=".pte attention of the verify method: row_invariant (default; XNNPACK ops whose rows do not "
                         "depend on the call: a token's logits have the same bits in a verify as when decoded alone, so "
                         "greedy self-speculation equals plain decoding by construction) or custom_sdpa (ExecuTorch's "
-                        "kernel, which rounds a row by the call's row count). The full-model method uses custom_sdpa")
+                        "kernel, which rounds a row by the call's row count), or row_invariant_drafts (the draft "
+                        "method too, so that drafts looked up in the context, runtime --lookup K, give greedy output "
+                        "equal to plain decoding by construction; 1-token drafts cost more). The full-model method "
+                        "uses custom_sdpa")
     p.add_argument("--fused-draft", action="store_true",
                    help="also export draft_greedy (.pte only): d greedy drafts in one call; measured no faster "
                         "than d draft calls on XNNPACK here, and it packs the prefix weights a second time")

@@ -25,13 +25,13 @@ from models.checkpoint import DEFAULT_MODEL_DIR, checkpoint_hash, load_model, re
 from models.draft_vocab import check_draft_vocab, draft_vocab_ids
 from models.config import ModelConfig
 from models.model import Transformer
-from export.methods import DEFAULT_METHODS
+from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD
 from runtime.artifact import Manifest, write_manifest
 from runtime.decoding import check_draft_threshold
 from runtime.errors import UserError
 
 BACKENDS = ("xnnpack", "portable", "onnx", "all")
-PTE_ATTENTION = ("row_invariant", "custom_sdpa")  # see export/to_pte.py: RowInvariantKVCache
+PTE_ATTENTION = ("row_invariant", "row_invariant_drafts", "custom_sdpa")  # export/to_pte.py: RowInvariantKVCache
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per
 # scale (0: one scale per output channel, .pte only), halved until it divides every linear's input
@@ -88,6 +88,9 @@ class ExportConfig:
             check_draft_threshold(self.draft_threshold)
         if self.jobs is not None and self.jobs < 1:
             raise UserError(f"--jobs {self.jobs} must be >= 1 (1: lower every method in this process).")
+        if self.pte_attention == "row_invariant_drafts" and FUSED_DRAFT_METHOD in self.methods:
+            raise UserError("--fused-draft cannot go with --pte-attention row_invariant_drafts (its drafts would "
+                            "attend through other caches than the draft method's); drop one of them.")
         if self.pad_drafts and "onnx" not in self.targets():
             raise UserError("--pad-drafts is for .onnx artifacts (ONNX Runtime computes a row alike in calls of 2+ "
                             "rows; ExecuTorch's custom_sdpa does not): add --backend onnx or all, or drop it.")

@@ -188,13 +188,18 @@ def prepare_for_executorch(model: Transformer, max_seq_len: int, attention: str 
     attention "row_invariant" (the default): layers >= exit_layer hold a RowInvariantKVCache, through which
     the verify method attends. Those are the only layers where a token meets different row counts in the
     two decoders (a d+1-token verify against 1-token calls); drafts are 1-token calls in both, and prompts
-    go through in the same chunks."""
+    go through in the same chunks. "row_invariant_drafts": every layer does, and the draft method attends
+    through them too, so that a multi-row draft of tokens looked up in the context (runtime --lookup) gives
+    each row the bits of a 1-token draft; 1-token drafts pay the row-invariant attention's cost for it."""
     load_custom_ops()
     c = model.config
-    model.key_mask = KeyMask() if attention == "row_invariant" else None  # then verify takes a key mask
+    row_invariant = attention in ("row_invariant", "row_invariant_drafts")
+    model.key_mask = KeyMask() if row_invariant else None  # then these methods take a key mask:
+    model.key_mask_methods = ("draft", "verify") if attention == "row_invariant_drafts" else ("verify",)
+    first_row_invariant = 0 if attention == "row_invariant_drafts" else exit_layer
 
     def cache(layer: int) -> nn.Module:
-        if model.key_mask is not None and layer >= exit_layer:
+        if model.key_mask is not None and layer >= first_row_invariant:
             return RowInvariantKVCache(max_seq_len, c.num_key_value_heads, c.head_dim, model.key_mask)
         return CustomOpKVCache(max_seq_len, c.num_key_value_heads, c.head_dim)
 
@@ -206,9 +211,6 @@ def prepare_for_executorch(model: Transformer, max_seq_len: int, attention: str 
     model.norm = XnnpackRMSNorm(model.norm)
     model.max_seq_len = max_seq_len
     return model
-
-
-KEY_MASK_METHODS = ("verify",)  # the methods whose RowInvariantKVCache layers attend row-invariantly
 
 
 def trace(model: Transformer, methods: list[str], exit_layer: int, max_tokens: int,
@@ -224,7 +226,7 @@ def trace(model: Transformer, methods: list[str], exit_layer: int, max_tokens: i
             dynamic = ({1: tokens}, None) if has_dynamic_tokens(name) else None
             if key_mask is not None:
                 key_mask.current = None  # the other methods attend through custom_sdpa
-                if name in KEY_MASK_METHODS:
+                if name in model.key_mask_methods:  # their RowInvariantKVCache layers attend row-invariantly
                     module = WithKeyMask(module, key_mask)
                     inputs += (torch.zeros(inputs[0].shape[1], 4),)  # [T, L]
                     dynamic += ({0: tokens, 1: keys},)
@@ -502,8 +504,8 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
                cfg.max_tokens_per_call, r.num_speculations, backend, constants, directory / "model.pte", jobs)
     return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
                          methods=list(cfg.methods), quant=scheme, backend=backend,
-                         extra={"attention": cfg.pte_attention, **({"key_mask_methods": list(KEY_MASK_METHODS)}
-                                                                   if cfg.pte_attention == "row_invariant" else {})})
+                         extra={"attention": cfg.pte_attention, **({"key_mask_methods": list(model.key_mask_methods)}
+                                                                   if model.key_mask is not None else {})})
 
 
 def runtime_constants(model: Transformer, exit_layer: int, max_seq_len: int, max_tokens: int) -> dict[str, int]:

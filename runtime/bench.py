@@ -498,7 +498,8 @@ def lookup_table(runs: list[dict]) -> list[str]:
         return []
     lines = ["", "With drafts looked up in the context (--lookup: a step whose last 2 tokens occurred earlier drafts "
                  "what followed them, in one prefix call; greedy output equals plain decoding by construction on "
-                 ".onnx artifacts exported with --pad-drafts, as measured otherwise):", "",
+                 "artifacts exported with --pad-drafts (.onnx) or --pte-attention row_invariant_drafts (.pte), "
+                 "as measured otherwise):", "",
              "| artifact | self-spec tok/s | with lookup tok/s | speedup | vs fastest plain | steps drafted by lookup "
              "| acceptance | tokens/step | identical to plain (draft + verify) | to the full-model call |",
              "|" + "---|" * 10]

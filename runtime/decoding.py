@@ -17,7 +17,8 @@ sampling, as drafts drawn from a one-hot distribution, so the acceptance rule st
 distribution). Steps without such an occurrence draft from the exit. The multi-row prefix call computes
 rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
 backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
-with --pad-drafts (runtime/onnx_backend.py), as measured elsewhere (README).
+with --pad-drafts (runtime/onnx_backend.py) and .pte artifacts exported with --pte-attention
+row_invariant_drafts (export/to_pte.py), as measured elsewhere (README).
 """
 
 from __future__ import annotations

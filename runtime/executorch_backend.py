@@ -63,8 +63,10 @@ class ExecuTorchBackend:
         # Row t of it is `steps` read from max_seq_len - 1 - (pos + t): 0 up to the row's position, then -inf.
         s = self.max_seq_len
         self._steps = (np.concatenate([np.zeros(s, np.float32), np.full(s, -np.inf, np.float32)])
-                       if manifest.extra.get("attention") == "row_invariant" else None)
-        self._forward_mask = self._steps is not None and "forward" in manifest.extra.get("key_mask_methods", ["forward"])
+                       if manifest.extra.get("attention", "").startswith("row_invariant") else None)
+        masked = manifest.extra.get("key_mask_methods", ["forward", "verify"])
+        self._forward_mask = self._steps is not None and "forward" in masked
+        self._draft_mask = self._steps is not None and "draft" in masked  # --pte-attention row_invariant_drafts
 
     def _key_mask(self, pos: int, count: int) -> tuple:
         """() for custom_sdpa artifacts, else (the key mask [count, L],)."""
@@ -101,7 +103,8 @@ class ExecuTorchBackend:
     # microseconds more per call, which adds up over the 4-5 calls of a self-speculative step.
 
     def draft(self, tokens, pos):
-        hidden, logits = self._get("draft").execute(self._inputs(tokens, pos))
+        mask = self._key_mask(pos, len(tokens)) if self._draft_mask else ()
+        hidden, logits = self._get("draft").execute(self._inputs(tokens, pos) + mask)
         self.exit_cache[pos:pos + len(tokens)] = hidden.numpy()[0]
         return logits.numpy()[0]
 

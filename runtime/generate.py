@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--lookup", type=int, default=0, metavar="K",
                    help="also draft up to K tokens by looking up the context's last 2 tokens in the context (prompt "
                         "lookup): one prefix call for all of them; greedy output equal to plain decoding by "
-                        "construction on .onnx artifacts exported with --pad-drafts, as measured elsewhere (README); "
+                        "construction on artifacts exported with --pad-drafts (.onnx) or --pte-attention "
+                        "row_invariant_drafts (.pte), as measured elsewhere (README); "
                         "0 (default): off")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")

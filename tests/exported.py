@@ -61,6 +61,23 @@ def copy_artifact(directory: Path, tmp_path: Path, **manifest_changes) -> Path:
     return copy
 
 
+def drafts_together_and_alone(backend) -> tuple[np.ndarray, np.ndarray]:
+    """Exit-cache rows and verify logits of five tokens after the prompt: drafted in one call, and one by one."""
+    out = []
+    for together in (True, False):
+        backend.draft(PROMPT, 0)
+        backend.verify(0, len(PROMPT))
+        pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
+        if together:
+            backend.draft(tokens, pos)
+        else:
+            for k, token in enumerate(tokens):
+                backend.draft([token], pos + k)
+        exit_cache = backend.exit_cache.numpy() if hasattr(backend.exit_cache, "numpy") else backend.exit_cache
+        out.append((np.array(exit_cache[pos:pos + 5]), np.array(backend.verify(pos, 5))))
+    return out[0], out[1]
+
+
 def check_looked_up_drafts_keep_the_tokens(backend, monkeypatch, k: int = 4) -> None:
     """Make --lookup propose plain decoding's next k tokens at every step, the third of them wrong at every
     other step (so both full and partial acceptances occur), and check that every step then drafts by

@@ -12,8 +12,8 @@ import torch
 
 from runtime.artifact import read_manifest
 from export.pipeline import ExportConfig, run_export
-from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact, eager_reference,
-                      max_diff, verify_together_and_alone)
+from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact,
+                      drafts_together_and_alone, eager_reference, max_diff, verify_together_and_alone)
 from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -46,7 +46,14 @@ def row_invariant_pte(tiny_checkpoint, tmp_path_factory):
                   methods=WITH_FUSED_DRAFT)
 
 
-@pytest.mark.parametrize("attention", ["custom_sdpa", "row_invariant"])
+@pytest.fixture(scope="module")
+def row_invariant_drafts_pte(tiny_checkpoint, tmp_path_factory):
+    """Drafts attend row-invariantly too (--pte-attention row_invariant_drafts, for exact --lookup)."""
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("rowinvd"), quant="int4", group_size=32,
+                  pte_attention="row_invariant_drafts")
+
+
+@pytest.mark.parametrize("attention", ["custom_sdpa", "row_invariant", "row_invariant_drafts"])
 def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, fp32_pte, attention, tmp_path):
     manifest = fp32_pte if attention == "custom_sdpa" else export(tiny_checkpoint, tmp_path, pte_attention=attention)
     expected = eager_reference(tiny_checkpoint, manifest.exit_layer, manifest.max_seq_len)
@@ -68,6 +75,24 @@ def test_row_invariant_attention_gives_each_verify_row_the_bits_of_a_one_token_c
     assert verify["llama::custom_sdpa"] == 0 and verify["llama::update_cache"] == 2 * (layers - exit_layer)
     forward = instructions(row_invariant_pte.path("program"), "forward")
     assert forward["llama::custom_sdpa"] == layers and forward["llama::update_cache"] == 2 * layers
+
+
+def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invariant_drafts_pte, monkeypatch):
+    """--pte-attention row_invariant_drafts: a multi-row draft (tokens looked up in the context) leaves each
+    row's layer-E state and verify logits with the bits of 1-token drafts, so --lookup equals plain decoding
+    by construction; the draft method attends without custom_sdpa. (On this tiny model custom_sdpa's draft
+    rows happen to agree too at these positions; on SmolLM2 they do not, README "Latest".)"""
+    backend = open_artifact(row_invariant_drafts_pte.directory).backend
+    (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
+    assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
+    draft = instructions(row_invariant_drafts_pte.path("program"), "draft")
+    assert draft["llama::custom_sdpa"] == 0 and row_invariant_drafts_pte.extra["key_mask_methods"] == ["draft", "verify"]
+    check_looked_up_drafts_keep_the_tokens(backend, monkeypatch)
+
+
+def test_row_invariant_drafts_refuse_the_fused_draft(tiny_checkpoint):
+    with pytest.raises(UserError, match="--fused-draft cannot go with --pte-attention row_invariant_drafts"):
+        ExportConfig(model=tiny_checkpoint, pte_attention="row_invariant_drafts", methods=WITH_FUSED_DRAFT)
 
 
 def test_full_model_method_matches_eager(tiny_checkpoint, fp32_pte):
@@ -413,7 +438,7 @@ def test_export_cli_rejects_bad_input_in_one_line(tiny_checkpoint, tmp_path, fla
 
 
 def test_an_unknown_pte_attention_is_a_clear_error(tiny_checkpoint, tmp_path):
-    with pytest.raises(UserError, match="--pte-attention 'fast' is unknown; use one of row_invariant, custom_sdpa"):
+    with pytest.raises(UserError, match="--pte-attention 'fast' is unknown; use one of row_invariant, row_invariant_drafts, custom_sdpa"):
         ExportConfig(model=tiny_checkpoint, out=tmp_path, pte_attention="fast")
 
 

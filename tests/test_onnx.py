@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from export.pipeline import ExportConfig, run_export
-from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact, eager_reference,
-                      max_diff, verify_together_and_alone)
+from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact,
+                      drafts_together_and_alone, eager_reference, max_diff, verify_together_and_alone)
 from runtime.errors import UserError
 from runtime.decoding import GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -94,22 +94,6 @@ def test_a_verify_row_has_the_bits_of_a_one_token_verify(which, request):
 
     together, alone = verify_together_and_alone(backend, backend.verify_rows)  # the calls as made, unpadded
     assert not np.array_equal(together, alone)
-
-
-def drafts_together_and_alone(backend) -> tuple[np.ndarray, np.ndarray]:
-    """Exit-cache rows and verify logits of five tokens after the prompt: drafted in one call, and one by one."""
-    out = []
-    for together in (True, False):
-        backend.draft(PROMPT, 0)
-        backend.verify(0, len(PROMPT))
-        pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
-        if together:
-            backend.draft(tokens, pos)
-        else:
-            for k, token in enumerate(tokens):
-                backend.draft([token], pos + k)
-        out.append((backend.exit_cache.numpy()[pos:pos + 5].copy(), np.array(backend.verify(pos, 5))))
-    return out[0], out[1]
 
 
 @pytest.mark.parametrize("which", ["fp32_onnx", "int4_onnx"])
