@@ -56,8 +56,9 @@ class CustomOpKVCache(nn.Module):
 
 class KeyMask:
     """The additive attention mask of the call being traced, [T, L]: 0 where key position <= the row's
-    position, -inf after; L = the keys the call attends to (pos + T at run time). An input of the verify
-    method (WithKeyMask), read by its RowInvariantKVCache layers; None while the other methods are traced."""
+    position, -inf after; L = the keys the call attends to (pos + T at run time). An input of the methods in
+    model.key_mask_methods (WithKeyMask: verify; draft too with row_invariant_drafts), read by their
+    RowInvariantKVCache layers; None while the other methods are traced."""
 
     current: Optional[torch.Tensor] = None
 
@@ -93,7 +94,8 @@ class RowInvariantKVCache(nn.Module):
     special case that torch.export refuses for a dynamic length.) The first L rows are copied out each
     call (outside XNNPACK, which takes no slice of a length known only at run time).
 
-    Only the verify method (traced with a key mask) attends this way. The full-model method attends
+    Only the methods traced with a key mask (verify; draft too with row_invariant_drafts, in every layer)
+    attend this way. The full-model method attends
     through custom_sdpa on a cache of its own (`plain`), so plain decoding keeps custom_sdpa's speed at
     one row, where this attention costs more (shipped model: 0.29 vs 0.22 ms per full call); the two
     decoders never share a generation's cache. Its buffers are memory even when only draft and verify

@@ -111,20 +111,11 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
                   "tokens_per_step_histogram": best.histogram, "draft_ms_per_call": best.draft_ms_per_call,
                   "verify_ms_per_call": best.verify_ms_per_call,
                   **({"lookup_step_fraction": best.lookup_step_fraction} if m == LOOKUP_MODE else {})}
-    if "spec" in runs and "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
-        pairs = list(zip(runs["spec"][-1].tokens, runs["ar"][-1].tokens))
-        out["greedy_identical_fraction"] = sum(a == b for a, b in pairs) / len(pairs)
-        if "ar_full" in runs:  # the full-model call is another graph: equal where its rounding agrees
-            full = zip(runs["spec"][-1].tokens, runs["ar_full"][-1].tokens)
-            out["greedy_identical_to_full_call_fraction"] = sum(a == b for a, b in full) / len(pairs)
-        out["greedy_divergences"] = first_divergences(backend, prompts, runs["spec"][-1].tokens, runs["ar"][-1].tokens)
-    if LOOKUP_MODE in runs and "ar" in runs:  # not by construction: measured
-        ours = runs[LOOKUP_MODE][-1].tokens
-        out[LOOKUP_MODE]["greedy_identical_fraction"] = sum(a == b for a, b in zip(ours, runs["ar"][-1].tokens)) / len(ours)
-        if "ar_full" in runs:
-            out[LOOKUP_MODE]["greedy_identical_to_full_call_fraction"] = sum(
-                a == b for a, b in zip(ours, runs["ar_full"][-1].tokens)) / len(ours)
-        out[LOOKUP_MODE]["greedy_divergences"] = first_divergences(backend, prompts, ours, runs["ar"][-1].tokens)
+    if "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
+        if "spec" in runs:
+            out.update(greedy_identity(backend, prompts, runs["spec"][-1].tokens, runs))
+        if LOOKUP_MODE in runs:  # by construction only with --pad-drafts / row_invariant_drafts: measured
+            out[LOOKUP_MODE].update(greedy_identity(backend, prompts, runs[LOOKUP_MODE][-1].tokens, runs))
     baselines = [out[m]["decode_tokens_per_s"] for m in ("ar", "ar_full") if m in out]
     if LOOKUP_MODE in out and baselines:
         out[LOOKUP_MODE]["speedup"] = out[LOOKUP_MODE]["decode_tokens_per_s"] / max(baselines)
@@ -147,6 +138,17 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
         if LOOKUP_MODE in out:
             out[LOOKUP_MODE]["speedup_vs_fastest_plain"] = (out[LOOKUP_MODE]["decode_tokens_per_s"]
                                                             / plain[out["fastest_plain"]])
+    return out
+
+
+def greedy_identity(backend, prompts: list[list[int]], tokens: list[list[int]], runs: dict) -> dict:
+    """How many prompts' tokens equal plain decoding's (draft + verify calls; and the full-model call's, another
+    graph, equal where its rounding agrees), and where they part."""
+    out = {"greedy_identical_fraction": sum(a == b for a, b in zip(tokens, runs["ar"][-1].tokens)) / len(tokens)}
+    if "ar_full" in runs:
+        full = zip(tokens, runs["ar_full"][-1].tokens)
+        out["greedy_identical_to_full_call_fraction"] = sum(a == b for a, b in full) / len(tokens)
+    out["greedy_divergences"] = first_divergences(backend, prompts, tokens, runs["ar"][-1].tokens)
     return out
 
 

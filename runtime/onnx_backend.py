@@ -215,13 +215,18 @@ class OnnxBackend:
         self.position[0] = pos
         method.bind_pointer("input_pos", False, "cpu", (1,), self.position.ctypes.data, np.int64)
 
+    def padded_rows(self, count: int) -> int:
+        """The rows a call of `count` rows reaches ONNX Runtime with when padded (module docstring)."""
+        return max(2, count + count % self.verify_row_multiple)
+
     def draft(self, tokens, pos):
-        count = len(tokens)
-        self.token_ids[pos:pos + count] = tokens
-        if self.pad_drafts and count < max(2, count + count % self.verify_row_multiple):  # module docstring
-            if pos > 0:
-                return self.draft_rows([int(self.token_ids[pos - 1]), *tokens], pos - 1)
-            return self.draft_rows([*tokens, tokens[-1]], pos)
+        if self.pad_drafts:
+            count = len(tokens)
+            self.token_ids[pos:pos + count] = tokens
+            if self.padded_rows(count) > count:
+                if pos > 0:
+                    return self.draft_rows([int(self.token_ids[pos - 1]), *tokens], pos - 1)
+                return self.draft_rows([*tokens, tokens[-1]], pos)
         return self.draft_rows(tokens, pos)
 
     def draft_rows(self, tokens, pos):
@@ -237,7 +242,7 @@ class OnnxBackend:
         return self.logits[0]  # a view, valid until the next call
 
     def verify(self, pos, count):
-        start, rows = pos, max(2, count + count % self.verify_row_multiple)  # module docstring
+        start, rows = pos, self.padded_rows(count)
         if rows > count and pos > 0:
             start = pos - 1
         return self.verify_rows(start, rows)[pos - start:pos - start + count]

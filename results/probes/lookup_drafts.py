@@ -8,6 +8,7 @@ Greedy only. The multi-row draft call computes layers < E for several rows at on
 decoding computes them one row at a time, so greedy output equals plain decoding only as far as those
 kernels give a row the same bits at any row count (measured below, not by construction).
 
+The loop is the runtime's (GenerationConfig.lookup, lookup_ngram); this probe counts its lookup steps.
 Measures decode tok/s of plain decoding (draft + verify calls, and the full-model call),
 self-speculation and lookup + self-speculation, interleaved in one process (medians over --repeats),
 the lookup steps' acceptance, and greedy identity with both plain decoders, on the first --limit
@@ -23,47 +24,25 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from runtime import decoding  # noqa: E402
 from runtime.bench import encode_prompts, machine, prompt_set  # noqa: E402
-from runtime.decoding import (Emitter, GenerationStats, TimedBackend, TokenChooser, check_prompt,  # noqa: E402
-                              generate, prefill, speculative_step)
+from runtime.decoding import generate  # noqa: E402
 from runtime.loader import open_artifact  # noqa: E402
 from runtime.measure import mode_config  # noqa: E402
 
-
-def lookup(context: list[int], n: int, k: int) -> list[int]:
-    """The up to k tokens that followed the latest earlier occurrence of the context's last n tokens."""
-    tail = context[-n:]
-    for j in range(len(context) - n - 1, -1, -1):
-        if context[j:j + n] == tail:
-            return context[j + n:j + n + k]
-    return []
+COUNTS = {"lookup_steps": 0, "proposed": 0, "accepted": 0}
 
 
-def lookup_generate(backend, prompt, cfg, n: int, k: int, counts: dict):
-    check_prompt(prompt, backend.max_seq_len)
-    backend.reset()
-    stats = GenerationStats(prompt_tokens=len(prompt))
-    calls, chooser, out = TimedBackend(backend, stats), TokenChooser(cfg), Emitter(cfg, stats, None)
-    token, _ = chooser.choose(prefill(calls, backend, prompt))
-    context, pos = list(prompt) + [token], len(prompt)
-    done = out.emit([token])
-    while not done and pos < backend.max_seq_len - 1:
-        room = backend.max_seq_len - 1 - pos
-        proposal = lookup(context, n, min(k, room))
-        if proposal:
-            calls.draft([token] + proposal, pos)  # layers < E: rows pos .. pos + len(proposal)
-            accepted, new = chooser.accept(proposal, [None] * len(proposal), calls.verify(pos, len(proposal) + 1))
-            counts["lookup_steps"] += 1
-            counts["proposed"] += len(proposal)
-            counts["accepted"] += accepted
-        else:
-            accepted, new = speculative_step(calls, chooser, token, pos, min(cfg.num_speculations, room))
-        counts["steps"] += 1
-        pos += accepted + 1
-        token = new[-1]
-        context += new
-        done = out.emit(new)
-    return out.finish()
+def counted_lookup_step(calls, chooser, token, pos, drafts, step=decoding.lookup_step):
+    """The runtime's lookup step, counting its drafts and how many held."""
+    accepted, new = step(calls, chooser, token, pos, drafts)
+    COUNTS["lookup_steps"] += 1
+    COUNTS["proposed"] += len(drafts)
+    COUNTS["accepted"] += accepted
+    return accepted, new
+
+
+decoding.lookup_step = counted_lookup_step
 
 
 def main():
@@ -87,19 +66,21 @@ def main():
     tau = opened.draft_threshold if a.draft_threshold is None else a.draft_threshold
     tok_s = {m: [] for m in ("ar", "ar_full", "spec", "lookup")}
     tokens, counts = {}, {}
+    configs = {m: mode_config(m, d, a.max_new_tokens, eos, tau) for m in ("ar", "ar_full", "spec")}
+    configs["lookup"] = decoding.GenerationConfig(**{**configs["spec"].__dict__, "lookup": a.K, "lookup_ngram": a.n})
     for _ in range(a.repeats):
         for mode in tok_s:
-            c = {"steps": 0, "lookup_steps": 0, "proposed": 0, "accepted": 0}
+            c = {"steps": 0}
+            COUNTS.update(lookup_steps=0, proposed=0, accepted=0)
             decoded = seconds = 0.0
             outs = []
             for ids in prompts:
-                if mode == "lookup":
-                    result = lookup_generate(backend, ids, mode_config("spec", d, a.max_new_tokens, eos, tau), a.n, a.K, c)
-                else:
-                    result = generate(backend, ids, mode_config(mode, d, a.max_new_tokens, eos, tau))
+                result = generate(backend, ids, configs[mode])
                 decoded += result.stats.generated_tokens - 1
                 seconds += result.stats.decode_time_s
+                c["steps"] += result.stats.steps
                 outs.append(result.tokens)
+            c.update(COUNTS)
             tok_s[mode].append(decoded / seconds)
             tokens[mode], counts[mode] = outs, c
             print(f"{mode}: {decoded / seconds:.0f} tok/s", file=sys.stderr, flush=True)
