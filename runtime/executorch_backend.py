@@ -60,22 +60,27 @@ class ExecuTorchBackend:
         self._position_np = self._position.numpy()
         # --pte-attention row_invariant: verify also takes the key mask [T, L], L = pos + T (and forward, in
         # artifacts of its first version, whose full-model method attended the same way: no key_mask_methods).
-        # Row t of it is `steps` read from max_seq_len - 1 - (pos + t): 0 up to the row's position, then -inf.
+        # Its row t is 0 up to the row's position pos + t, then -inf: columns max_seq_len - 1 - pos onwards
+        # of row t of `_key_masks` [max_tokens_per_call, 2 * max_seq_len], made once (a slice per call,
+        # not a new array: 1-4 us less of Python per call).
         s = self.max_seq_len
-        self._steps = (np.concatenate([np.zeros(s, np.float32), np.full(s, -np.inf, np.float32)])
-                       if manifest.extra.get("attention", "").startswith("row_invariant") else None)
+        self._key_masks = None
+        if manifest.extra.get("attention", "").startswith("row_invariant"):
+            columns = np.arange(2 * s)
+            rows = np.arange(self.max_tokens_per_call)[:, None]
+            self._key_masks = np.where(columns < s + rows, 0.0, -np.inf).astype(np.float32)
         masked = manifest.extra.get("key_mask_methods", ["forward", "verify"])
-        self._forward_mask = self._steps is not None and "forward" in masked
-        self._draft_mask = self._steps is not None and "draft" in masked  # --pte-attention row_invariant_drafts
+        self._forward_mask = self._key_masks is not None and "forward" in masked
+        self._draft_mask = self._key_masks is not None and "draft" in masked  # --pte-attention row_invariant_drafts
 
     def _key_mask(self, pos: int, count: int) -> tuple:
         """() for custom_sdpa artifacts, else (the key mask [count, L],)."""
-        if self._steps is None:
+        if self._key_masks is None:
             return ()
         keys = max(pos + count, 2)  # the programs take at least 2 keys; a masked one adds exactly 0
         first = self.max_seq_len - 1 - pos
-        rows = [self._steps[first - t:first - t + keys] for t in range(count)]
-        return (torch.from_numpy(np.stack(rows)),)
+        mask = self._key_masks[:count, first:first + keys]  # [count, keys], rows 2 * max_seq_len apart
+        return (torch.from_numpy(mask if count == 1 else np.ascontiguousarray(mask)),)
 
     def _constant(self, name: str):
         if name not in self.program.method_names:

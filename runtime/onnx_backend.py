@@ -105,7 +105,11 @@ class OnnxMethod:
         check_fact(manifest, f"{name}.onnx max_seq_len", int(meta["layerskip.max_seq_len"]), manifest.max_seq_len)
         self.device = device
         self.binding = self.session.io_binding()
-        self.bound: dict[str, tuple] = {}  # name -> (pointer, shape) last bound: unchanged ones are not re-bound
+        # Tokens, position and logits have fixed pointers: each is bound again only when its shape
+        # changes (a bind costs ~1 us of Python, a call ~200 us). 0 / None / False: not bound yet.
+        self.token_rows = 0
+        self.logits_shape: Optional[tuple] = None
+        self.position_bound = False
         self.layers = method_layers(name, manifest.exit_layer, manifest.shape.num_layers)
         self.present_names = cache_output_names(self.layers)
         self.shared_cache = meta.get("layerskip.kv_cache", "gqa") == "gqa"
@@ -120,22 +124,23 @@ class OnnxMethod:
             else:
                 self.binding.bind_output(present, "cpu")
 
+    @property
+    def rebind_host_inputs(self) -> bool:
+        """ONNX Runtime copies an input held elsewhere than the device that reads it when it is bound,
+        not when the graph runs: host inputs of a CUDA session are bound again every call."""
+        return self.device != "cpu"
+
     def bind_pointer(self, name: str, is_output: bool, device: str, shape, pointer: int,
                      dtype=np.float32) -> None:
-        # ONNX Runtime copies an input held elsewhere than the device that reads it when it is bound,
-        # not when the graph runs: host inputs of a CUDA session are bound again every call
-        if self.bound.get(name) == (pointer, tuple(shape)) and (is_output or device == self.device):
-            return
         bind = self.binding.bind_output if is_output else self.binding.bind_input
         bind(name, device, 0, dtype, list(shape), pointer)
-        self.bound[name] = (pointer, tuple(shape))
 
     def run(self) -> None:
-        if self.device != "cpu" and not self.shared_cache:  # host caches read by CUDA nodes: bound again (copied)
-            for past, buffer in self.past_buffers:
-                self.binding.bind_ortvalue_input(past, buffer)
-        if not self.shared_cache:  # new rows have a new shape each call: let ONNX Runtime allocate them
-            for name in self.present_names:
+        if not self.shared_cache:
+            if self.device != "cpu":  # host caches read by CUDA nodes: bound again (copied)
+                for past, buffer in self.past_buffers:
+                    self.binding.bind_ortvalue_input(past, buffer)
+            for name in self.present_names:  # new rows have a new shape each call: ONNX Runtime allocates them
                 self.binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(self.binding)
 
@@ -172,6 +177,7 @@ class OnnxBackend:
         shape = [1, c.num_kv_heads, self.max_seq_len, c.head_dim]
         self.caches = [(self._host_buffer(ort, shape), self._host_buffer(ort, shape)) for _ in range(self.num_layers)]
         self.exit_cache = self._buffer(ort, [self.max_seq_len, self.dim])
+        self._exit_cache_pointer = self.exit_cache.data_ptr()
         self.logits = np.zeros((self.max_tokens_per_call + 1, c.vocab_size), np.float32)  # + a pairing row
         self.verify_row_multiple = 2 if manifest.quant != "none" and manifest.group_size >= 64 else 1
         self.pad_drafts = bool(manifest.extra.get("pad_drafts"))  # module docstring
@@ -179,6 +185,8 @@ class OnnxBackend:
         # token ids and position live in two host arrays bound by pointer: a call writes them in place
         self.tokens = np.zeros((1, self.max_tokens_per_call + 1), np.int64)  # + a padding row (--pad-drafts)
         self.position = np.zeros(1, np.int64)
+        self._pointers = (self.tokens.ctypes.data, self.position.ctypes.data, self.logits.ctypes.data)
+        self._last_logits = (1, c.vocab_size)  # the shape draft and forward write: the last row's logits
         # Sessions are created when first used (each holds its own weights), `preload` up front.
         self._sessions: dict[str, OnnxMethod] = {}
         for name in preload if preload is not None else ("draft", "verify"):
@@ -201,19 +209,32 @@ class OnnxBackend:
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
 
     def _exit_rows(self, pos: int) -> int:
-        return self.exit_cache.data_ptr() + pos * self.dim * FLOAT_BYTES
+        return self._exit_cache_pointer + pos * self.dim * FLOAT_BYTES
 
-    def _bind_logits(self, method: OnnxMethod, shape) -> None:
-        method.bind_pointer("logits", True, "cpu", shape, self.logits.ctypes.data)
+    # The calls below are the Python between two graph runs: they write tokens and position in place
+    # and bind only what changed (their cost was 5 us of a 210 us full-model call, ORT GenAI's loop ~0).
 
-    def _bind_tokens(self, method: OnnxMethod, tokens) -> None:
+    def _bind_logits(self, method: OnnxMethod, shape: tuple) -> None:
+        if method.logits_shape != shape:
+            method.bind_pointer("logits", True, "cpu", shape, self._pointers[2])
+            method.logits_shape = shape
+
+    def _set_tokens(self, method: OnnxMethod, tokens, pos: int) -> None:
         t = len(tokens)
-        self.tokens[0, :t] = tokens
-        method.bind_pointer("tokens", False, "cpu", (1, t), self.tokens.ctypes.data, np.int64)
+        if t == 1:
+            self.tokens[0, 0] = tokens[0]
+        else:
+            self.tokens[0, :t] = tokens
+        if method.token_rows != t or method.rebind_host_inputs:
+            method.bind_pointer("tokens", False, "cpu", (1, t), self._pointers[0], np.int64)
+            method.token_rows = t
+        self._set_position(method, pos)
 
-    def _bind_position(self, method: OnnxMethod, pos: int) -> None:
+    def _set_position(self, method: OnnxMethod, pos: int) -> None:
         self.position[0] = pos
-        method.bind_pointer("input_pos", False, "cpu", (1,), self.position.ctypes.data, np.int64)
+        if not method.position_bound or method.rebind_host_inputs:
+            method.bind_pointer("input_pos", False, "cpu", (1,), self._pointers[1], np.int64)
+            method.position_bound = True
 
     def padded_rows(self, count: int) -> int:
         """The rows a call of `count` rows reaches ONNX Runtime with when padded (module docstring)."""
@@ -231,12 +252,10 @@ class OnnxBackend:
 
     def draft_rows(self, tokens, pos):
         """draft.onnx on the tokens as given (no padding): the last one's exit logits [V]."""
-        t = len(tokens)
         m = self._get("draft")
-        self._bind_tokens(m, tokens)
-        self._bind_position(m, pos)
-        m.bind_pointer("hidden", True, self.device, (1, t, self.dim), self._exit_rows(pos))
-        self._bind_logits(m, (1, self.logits.shape[1]))
+        self._set_tokens(m, tokens, pos)
+        m.bind_pointer("hidden", True, self.device, (1, len(tokens), self.dim), self._exit_rows(pos))
+        self._bind_logits(m, self._last_logits)
         m.run()
         m.write_new_rows(self.caches, pos)
         return self.logits[0]  # a view, valid until the next call
@@ -251,7 +270,7 @@ class OnnxBackend:
         """verify.onnx on exit-cache rows start .. start+rows-1 as they are (no padding): logits [rows, V]."""
         m = self._get("verify")
         m.bind_pointer("hidden", False, self.device, (1, rows, self.dim), self._exit_rows(start))
-        self._bind_position(m, start)
+        self._set_position(m, start)
         self._bind_logits(m, (1, rows, self.logits.shape[1]))
         m.run()
         m.write_new_rows(self.caches, start)
@@ -259,9 +278,8 @@ class OnnxBackend:
 
     def forward(self, tokens, pos):
         m = self._get("forward")
-        self._bind_tokens(m, tokens)
-        self._bind_position(m, pos)
-        self._bind_logits(m, (1, self.logits.shape[1]))
+        self._set_tokens(m, tokens, pos)
+        self._bind_logits(m, self._last_logits)
         m.run()
         m.write_new_rows(self.caches, pos)
         return self.logits[0]
