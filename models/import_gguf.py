@@ -101,6 +101,7 @@ def read_and_write(path: Path, out: Path) -> Path:
         raise UserError(f"importing GGUF files needs transformers: {INSTALL}") from None
     print(f"[gguf] reading {path.name} ...", file=sys.stderr, flush=True)
     config = LlamaConfig(**load_gguf_checkpoint(str(path))["config"])
+    config.architectures = ["LlamaForCausalLM"]  # what tools that dispatch on it read (ORT GenAI's builder)
     with torch.device("meta"):  # names and shapes only: tells the loader how GGUF tensors map to ours
         skeleton = LlamaForCausalLM(config)
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]

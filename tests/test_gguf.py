@@ -53,6 +53,8 @@ def test_f32_file_imports_as_the_model_it_was_written_from(tmp_path, tied):
     ckpt = read_checkpoint(out)
     assert ckpt.config.tie_word_embeddings is tied and ckpt.config.num_key_value_heads == 2
     assert (ckpt.bos_token_id, ckpt.eos_token_ids) == (0, [1])
+    # the class tools dispatch on (ORT GenAI's builder failed on an import without it)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     from tokenizers import Tokenizer
 
     text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)\n"

@@ -23,11 +23,23 @@ def export_onnx(checkpoint, out, **kw):
                                    max_tokens_per_call=16, **kw))[0]
 
 
-def test_ort_genai_decodes_what_our_plain_decoding_does(tiny_checkpoint, tmp_path):
+@pytest.fixture(params=["checkpoint", "gguf import"])
+def llama_checkpoint(request, tiny_checkpoint, tmp_path):
+    """A Llama checkpoint directory: the tiny one, or one imported from a GGUF file (models.import_gguf,
+    whose config once lacked the `architectures` ORT GenAI's builder dispatches on)."""
+    if request.param == "checkpoint":
+        return tiny_checkpoint
+    from gguf_files import tiny_hf_llama, write_gguf
+    from models.import_gguf import import_gguf
+
+    return import_gguf(write_gguf(tmp_path / "m.gguf", tiny_hf_llama(tied=True)), tmp_path / "imported")
+
+
+def test_ort_genai_decodes_what_our_plain_decoding_does(llama_checkpoint, tmp_path):
     """At fp32 both are the same model: ORT GenAI's build of the checkpoint, driven by our token ids
     and timing, emits exactly our autoregressive tokens, first token included."""
-    ours = open_artifact(export_onnx(tiny_checkpoint, tmp_path / "ours").directory, threads=1)
-    seconds = build_ort_genai(tiny_checkpoint, tmp_path / "genai", "none", 32, threads=1)
+    ours = open_artifact(export_onnx(llama_checkpoint, tmp_path / "ours", exit_layer=1).directory, threads=1)
+    seconds = build_ort_genai(llama_checkpoint, tmp_path / "genai", "none", 32, threads=1)
     assert seconds > 0
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
     assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
