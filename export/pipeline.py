@@ -123,6 +123,13 @@ class ExportConfig:
     def targets(self) -> list[str]:
         return ["xnnpack", "onnx"] if self.backend == "all" else [self.backend]
 
+    @property
+    def exact_lookup(self) -> bool:
+        """Every target exported so that --lookup gives greedy output equal to plain decoding (its runtime
+        default then; runtime.generate)."""
+        return all(self.pad_drafts if t == "onnx" else self.pte_attention == "row_invariant_drafts"
+                   for t in self.targets())
+
 
 @dataclass
 class Resolved:
@@ -161,8 +168,11 @@ def resolve(cfg: ExportConfig) -> Resolved:
         raise UserError(f"checkpoint '{cfg.model}' records no recommended exit layer (no layerskip.json); pass "
                         f"--exit-layer E (python -m models.evaluate --model {cfg.model} shows each exit's acceptance).")
     ckpt.config.check_exit_layer(int(exit_layer))
+    # Artifacts made for --lookup draft from the exit only where the context has no match: the checkpoint
+    # may record the d and tau measured best for that ("with_lookup" in layerskip.json).
+    recommended = {**ckpt.recommended, **(ckpt.recommended.get("with_lookup", {}) if cfg.exact_lookup else {})}
     d = cfg.num_speculations if cfg.num_speculations is not None else int(
-        ckpt.recommended.get("num_speculations", DEFAULT_DRAFT_LENGTH))
+        recommended.get("num_speculations", DEFAULT_DRAFT_LENGTH))
     if d + 1 > cfg.max_tokens_per_call:
         raise UserError(f"--num-speculations {d} needs verify calls of {d + 1} tokens but --max-tokens-per-call "
                         f"is {cfg.max_tokens_per_call}; raise it.")
@@ -170,7 +180,7 @@ def resolve(cfg: ExportConfig) -> Resolved:
     if max_seq_len < cfg.max_tokens_per_call:
         raise UserError(f"the cache of {max_seq_len} positions is shorter than --max-tokens-per-call "
                         f"{cfg.max_tokens_per_call}; pass a larger --max-seq-len.")
-    tau = cfg.draft_threshold if cfg.draft_threshold is not None else float(ckpt.recommended.get("draft_threshold", 0.0))
+    tau = cfg.draft_threshold if cfg.draft_threshold is not None else float(recommended.get("draft_threshold", 0.0))
     r = Resolved(int(exit_layer), d, tau, max_seq_len, ckpt, checkpoint_hash(cfg.model))
     vocab = ckpt.config.vocab_size
     check_draft_vocab(cfg.draft_vocab, vocab)

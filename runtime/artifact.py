@@ -102,6 +102,12 @@ class Manifest:
         """K when the drafts exit through a head over K tokens; 0 for the full head."""
         return int(self.extra.get("draft_vocab", {}).get("size", 0))
 
+    @property
+    def exact_lookup(self) -> bool:
+        """True when a multi-row draft call gives each row the bits of a 1-row one (export.py --pad-drafts,
+        --pte-attention row_invariant_drafts): greedy decoding with --lookup equals plain decoding."""
+        return bool(self.extra.get("pad_drafts")) or "draft" in self.extra.get("key_mask_methods", [])
+
     def path(self, role: str) -> Path:
         return self.directory / self.files[role]
 
@@ -114,7 +120,8 @@ class Manifest:
         return {"backend": f"{self.format}/{self.backend}", "artifact": str(self.directory), "quant": self.quant,
                 "exit_layer": self.exit_layer, "draft_threshold": self.draft_threshold,
                 "max_seq_len": self.max_seq_len, "file_sizes": self.file_sizes,
-                "draft_vocab": self.draft_vocab, **{k: self.extra[k] for k in ("kv_cache", "attention") if k in self.extra}}
+                "draft_vocab": self.draft_vocab, "exact_lookup": self.exact_lookup,
+                **{k: self.extra[k] for k in ("kv_cache", "attention") if k in self.extra}}
 
 
 def read_manifest(directory: Path | str) -> Manifest:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from runtime.errors import UserError
-from runtime.decoding import GenerationConfig, GenerationResult, generate
+from runtime.decoding import DEFAULT_LOOKUP, GenerationConfig, GenerationResult, generate
 from runtime.loader import Opened, open_artifact, open_checkpoint
 from runtime.rss import peak_rss_mb
 
@@ -75,12 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--draft-threshold", type=float, metavar="TAU",
                    help="stop drafting when the exit's top-1 probability falls below TAU (default: the "
                         "recommended one; 0: always d drafts)")
-    p.add_argument("--lookup", type=int, default=0, metavar="K",
+    p.add_argument("--lookup", type=int, metavar="K",
                    help="also draft up to K tokens by looking up the context's last 2 tokens in the context (prompt "
                         "lookup): one prefix call for all of them; greedy output equal to plain decoding by "
                         "construction on artifacts exported with --pad-drafts (.onnx) or --pte-attention "
-                        "row_invariant_drafts (.pte), as measured elsewhere (README); "
-                        "0 (default): off")
+                        f"row_invariant_drafts (.pte), as measured elsewhere (README); 0: off. Default: "
+                        f"{DEFAULT_LOOKUP} on those artifacts, else off")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
@@ -98,6 +98,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="compute threads (0: the runtime's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     return p.parse_args(argv)
+
+
+def lookup_drafts_per_step(requested: Optional[int], opened: Opened) -> int:
+    """--lookup K as given; else DEFAULT_LOOKUP on artifacts exact for it (their exporter asked for it), else 0."""
+    if requested is not None:
+        return requested
+    return DEFAULT_LOOKUP if opened.facts.get("exact_lookup") else 0
 
 
 def read_prompt(args) -> str:
@@ -123,7 +130,7 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens, self_speculative=not args.ar, num_speculations=opened.num_speculations,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             eos_token_ids=tuple(opened.eos_token_ids), full_model_baseline=args.full_model,
-            draft_threshold=opened.draft_threshold, lookup=args.lookup)
+            draft_threshold=opened.draft_threshold, lookup=lookup_drafts_per_step(args.lookup, opened))
         if not args.json:
             sys.stdout.write(prompt)
         result, text = run_generation(opened, prompt, cfg, tuple(args.stop), None if args.json else sys.stdout)

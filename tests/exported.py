@@ -102,3 +102,12 @@ def check_looked_up_drafts_keep_the_tokens(backend, monkeypatch, k: int = 4) -> 
     assert result.tokens == plain
     assert s.lookup_steps == s.steps and s.draft_calls == s.steps + 1  # + 1: the prompt
     assert 0 < s.accepted < s.drafted
+
+
+def generate_cli_lookup(artifact: Path, capsys, *flags: str) -> int:
+    """The K of --lookup that `python -m runtime.generate --artifact ARTIFACT [flags]` decodes with."""
+    from runtime import generate as cli
+
+    assert cli.main(["--artifact", str(artifact), "--prompt", "def add(a, b):", "--max-new-tokens", "8", "--json",
+                     *flags]) == 0
+    return json.loads(capsys.readouterr().out)["settings"]["lookup"]

@@ -13,9 +13,10 @@ import torch
 from runtime.artifact import read_manifest
 from export.pipeline import ExportConfig, run_export
 from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact,
-                      drafts_together_and_alone, eager_reference, max_diff, verify_together_and_alone)
+                      drafts_together_and_alone, eager_reference, generate_cli_lookup, max_diff,
+                      verify_together_and_alone)
 from runtime.errors import UserError
-from runtime.decoding import GenerationConfig, generate
+from runtime.decoding import DEFAULT_LOOKUP, GenerationConfig, generate
 from runtime.loader import open_artifact
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -88,6 +89,13 @@ def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invar
     draft = instructions(row_invariant_drafts_pte.path("program"), "draft")
     assert draft["llama::custom_sdpa"] == 0 and row_invariant_drafts_pte.extra["key_mask_methods"] == ["draft", "verify"]
     check_looked_up_drafts_keep_the_tokens(backend, monkeypatch)
+
+
+def test_lookup_is_on_by_default_only_where_it_is_exact(row_invariant_drafts_pte, row_invariant_pte, capsys):
+    """runtime.generate looks drafts up by default on row_invariant_drafts artifacts (their exporter asked for it)."""
+    assert generate_cli_lookup(row_invariant_drafts_pte.directory, capsys) == DEFAULT_LOOKUP
+    assert generate_cli_lookup(row_invariant_drafts_pte.directory, capsys, "--lookup", "0") == 0
+    assert generate_cli_lookup(row_invariant_pte.directory, capsys) == 0
 
 
 def test_row_invariant_drafts_refuse_the_fused_draft(tiny_checkpoint):

@@ -10,9 +10,10 @@ import torch
 
 from export.pipeline import ExportConfig, run_export
 from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact,
-                      drafts_together_and_alone, eager_reference, max_diff, verify_together_and_alone)
+                      drafts_together_and_alone, eager_reference, generate_cli_lookup, max_diff,
+                      verify_together_and_alone)
 from runtime.errors import UserError
-from runtime.decoding import GenerationConfig, generate
+from runtime.decoding import DEFAULT_LOOKUP, GenerationConfig, generate
 from runtime.loader import open_artifact
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -113,6 +114,15 @@ def test_padded_drafts_give_a_row_the_bits_of_a_one_token_draft(which, request, 
                                       extra={**extra, "pad_drafts": True})).backend
     ar = generate(odd, PROMPT, GenerationConfig(max_new_tokens=30, self_speculative=False))
     assert generate(odd, PROMPT, GenerationConfig(max_new_tokens=30, num_speculations=3, lookup=6)).tokens == ar.tokens
+
+
+def test_lookup_is_on_by_default_only_where_it_is_exact(fp32_onnx, tmp_path, capsys):
+    """runtime.generate looks drafts up by default on --pad-drafts artifacts (their exporter asked for it)."""
+    extra = json.loads((fp32_onnx.directory / "manifest.json").read_text())["extra"]
+    padded = copy_artifact(fp32_onnx.directory, tmp_path, extra={**extra, "pad_drafts": True})
+    assert generate_cli_lookup(padded, capsys) == DEFAULT_LOOKUP
+    assert generate_cli_lookup(padded, capsys, "--lookup", "0") == 0
+    assert generate_cli_lookup(fp32_onnx.directory, capsys) == 0
 
 
 def test_pad_drafts_is_for_onnx_artifacts_only(tiny_checkpoint):
@@ -320,10 +330,12 @@ def test_the_recommended_draft_threshold_travels_to_the_runtime(tiny_checkpoint,
     from runtime.decoding import GenerationConfig
 
     checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
-    (checkpoint / "layerskip.json").write_text(json.dumps({"exit_layer": 2, "num_speculations": 3,
-                                                           "draft_threshold": 0.1}))
+    (checkpoint / "layerskip.json").write_text(json.dumps({"exit_layer": 2, "num_speculations": 3, "draft_threshold": 0.1,
+                                                           "with_lookup": {"num_speculations": 2, "draft_threshold": 0.4}}))
     manifest = export(checkpoint, tmp_path / "a", methods=("draft", "verify"))
-    assert manifest.draft_threshold == 0.1
+    assert (manifest.num_speculations, manifest.draft_threshold) == (3, 0.1)
+    for_lookup = export(checkpoint, tmp_path / "c", methods=("draft", "verify"), pad_drafts=True)
+    assert (for_lookup.num_speculations, for_lookup.draft_threshold) == (2, 0.4)  # what was measured beside lookup
     opened = open_artifact(manifest.directory)
     assert opened.draft_threshold == 0.1
     assert open_artifact(manifest.directory, draft_threshold=0.0).draft_threshold == 0.0
