@@ -127,8 +127,8 @@ class ExportConfig:
     def exact_lookup(self) -> bool:
         """Every target exported so that --lookup gives greedy output equal to plain decoding (its runtime
         default then; runtime.generate)."""
-        return all(self.pad_drafts if t == "onnx" else self.pte_attention == "row_invariant_drafts"
-                   for t in self.targets())
+        return all(self.pad_drafts and self.onnx_kv_cache == "gqa" if t == "onnx"
+                   else self.pte_attention == "row_invariant_drafts" for t in self.targets())
 
 
 @dataclass

@@ -104,9 +104,11 @@ class Manifest:
 
     @property
     def exact_lookup(self) -> bool:
-        """True when a multi-row draft call gives each row the bits of a 1-row one (export.py --pad-drafts,
-        --pte-attention row_invariant_drafts): greedy decoding with --lookup equals plain decoding."""
-        return bool(self.extra.get("pad_drafts")) or "draft" in self.extra.get("key_mask_methods", [])
+        """True when a multi-row draft call gives each row the bits of a 1-row one (export.py --pad-drafts
+        on the default gqa graphs, --pte-attention row_invariant_drafts): greedy decoding with --lookup
+        equals plain decoding."""
+        padded = bool(self.extra.get("pad_drafts")) and self.extra.get("kv_cache", "gqa") == "gqa"
+        return padded or "draft" in self.extra.get("key_mask_methods", [])
 
     def path(self, role: str) -> Path:
         return self.directory / self.files[role]

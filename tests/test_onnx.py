@@ -14,6 +14,7 @@ from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tok
                       verify_together_and_alone)
 from runtime.errors import UserError
 from runtime.decoding import DEFAULT_LOOKUP, GenerationConfig, generate
+from runtime.artifact import read_manifest
 from runtime.loader import open_artifact
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -123,6 +124,9 @@ def test_lookup_is_on_by_default_only_where_it_is_exact(fp32_onnx, tmp_path, cap
     assert generate_cli_lookup(padded, capsys) == DEFAULT_LOOKUP
     assert generate_cli_lookup(padded, capsys, "--lookup", "0") == 0
     assert generate_cli_lookup(fp32_onnx.directory, capsys) == 0
+    # the standard-ops graphs' rows keep bits that depend on where a call starts (runtime/onnx_backend.py)
+    sdpa = copy_artifact(fp32_onnx.directory, tmp_path / "sdpa", extra={**extra, "pad_drafts": True, "kv_cache": "sdpa"})
+    assert not read_manifest(sdpa).exact_lookup and read_manifest(padded).exact_lookup
 
 
 def test_pad_drafts_is_for_onnx_artifacts_only(tiny_checkpoint):
