@@ -26,7 +26,7 @@ from models.draft_vocab import check_draft_vocab, draft_vocab_ids
 from models.config import ModelConfig
 from models.model import Transformer
 from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD
-from runtime.artifact import Manifest, write_manifest
+from runtime.artifact import Manifest, exact_for_lookup, write_manifest
 from runtime.decoding import check_draft_threshold
 from runtime.errors import UserError
 
@@ -127,8 +127,7 @@ class ExportConfig:
     def exact_lookup(self) -> bool:
         """Every target exported so that --lookup gives greedy output equal to plain decoding (its runtime
         default then; runtime.generate)."""
-        return all(self.pad_drafts and self.onnx_kv_cache == "gqa" if t == "onnx"
-                   else self.pte_attention == "row_invariant_drafts" for t in self.targets())
+        return all(exact_for_lookup(t, self.pad_drafts, self.onnx_kv_cache, self.pte_attention) for t in self.targets())
 
 
 @dataclass

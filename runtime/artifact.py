@@ -70,6 +70,15 @@ class ModelShape:
                    int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]), int(c["vocab_size"]))
 
 
+def exact_for_lookup(target: str, pad_drafts: bool, onnx_kv_cache: str, pte_attention: str) -> bool:
+    """Whether an artifact for `target` ("onnx", else a .pte) gives each row of a multi-row draft call the
+    bits of a 1-row one (export.py --pad-drafts on the default gqa graphs, --pte-attention
+    row_invariant_drafts): then greedy decoding with --lookup equals plain decoding."""
+    if target == "onnx":
+        return pad_drafts and onnx_kv_cache == "gqa"
+    return pte_attention == "row_invariant_drafts"
+
+
 @dataclass
 class Manifest:
     format: str  # "pte" or "onnx"
@@ -104,11 +113,8 @@ class Manifest:
 
     @property
     def exact_lookup(self) -> bool:
-        """True when a multi-row draft call gives each row the bits of a 1-row one (export.py --pad-drafts
-        on the default gqa graphs, --pte-attention row_invariant_drafts): greedy decoding with --lookup
-        equals plain decoding."""
-        padded = bool(self.extra.get("pad_drafts")) and self.extra.get("kv_cache", "gqa") == "gqa"
-        return padded or "draft" in self.extra.get("key_mask_methods", [])
+        return exact_for_lookup(self.format, bool(self.extra.get("pad_drafts")), self.extra.get("kv_cache", "gqa"),
+                                self.extra.get("attention", ""))
 
     def path(self, role: str) -> Path:
         return self.directory / self.files[role]

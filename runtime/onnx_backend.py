@@ -185,7 +185,8 @@ class OnnxBackend:
         # token ids and position live in two host arrays bound by pointer: a call writes them in place
         self.tokens = np.zeros((1, self.max_tokens_per_call + 1), np.int64)  # + a padding row (--pad-drafts)
         self.position = np.zeros(1, np.int64)
-        self._pointers = (self.tokens.ctypes.data, self.position.ctypes.data, self.logits.ctypes.data)
+        self._tokens_pointer, self._position_pointer = self.tokens.ctypes.data, self.position.ctypes.data
+        self._logits_pointer = self.logits.ctypes.data
         self._last_logits = (1, c.vocab_size)  # the shape draft and forward write: the last row's logits
         # Sessions are created when first used (each holds its own weights), `preload` up front.
         self._sessions: dict[str, OnnxMethod] = {}
@@ -217,7 +218,7 @@ class OnnxBackend:
 
     def _bind_logits(self, method: OnnxMethod, shape: tuple) -> None:
         if method.logits_shape != shape:
-            method.bind_pointer("logits", True, "cpu", shape, self._pointers[2])
+            method.bind_pointer("logits", True, "cpu", shape, self._logits_pointer)
             method.logits_shape = shape
 
     def _set_tokens(self, method: OnnxMethod, tokens, pos: int) -> None:
@@ -227,14 +228,14 @@ class OnnxBackend:
         else:
             self.tokens[0, :t] = tokens
         if method.token_rows != t or method.rebind_host_inputs:
-            method.bind_pointer("tokens", False, "cpu", (1, t), self._pointers[0], np.int64)
+            method.bind_pointer("tokens", False, "cpu", (1, t), self._tokens_pointer, np.int64)
             method.token_rows = t
         self._set_position(method, pos)
 
     def _set_position(self, method: OnnxMethod, pos: int) -> None:
         self.position[0] = pos
         if not method.position_bound or method.rebind_host_inputs:
-            method.bind_pointer("input_pos", False, "cpu", (1,), self._pointers[1], np.int64)
+            method.bind_pointer("input_pos", False, "cpu", (1,), self._position_pointer, np.int64)
             method.position_bound = True
 
     def padded_rows(self, count: int) -> int:

@@ -1,6 +1,5 @@
 """The .onnx artifact: numerics against eager, exact self-speculation, weights stored once, bad input."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +103,7 @@ def test_padded_drafts_give_a_row_the_bits_of_a_one_token_draft(which, request, 
     verify logits with the bits of 1-token drafts, so --lookup equals plain decoding by construction.
     Without it they differ: the check can fail."""
     manifest = request.getfixturevalue(which)
-    extra = json.loads((manifest.directory / "manifest.json").read_text())["extra"]
+    extra = manifest.extra
     padded = open_artifact(copy_artifact(manifest.directory, tmp_path, extra={**extra, "pad_drafts": True})).backend
     (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(padded)
     assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
@@ -119,7 +118,7 @@ def test_padded_drafts_give_a_row_the_bits_of_a_one_token_draft(which, request, 
 
 def test_lookup_is_on_by_default_only_where_it_is_exact(fp32_onnx, tmp_path, capsys):
     """runtime.generate looks drafts up by default on --pad-drafts artifacts (their exporter asked for it)."""
-    extra = json.loads((fp32_onnx.directory / "manifest.json").read_text())["extra"]
+    extra = fp32_onnx.extra
     padded = copy_artifact(fp32_onnx.directory, tmp_path, extra={**extra, "pad_drafts": True})
     assert generate_cli_lookup(padded, capsys) == DEFAULT_LOOKUP
     assert generate_cli_lookup(padded, capsys, "--lookup", "0") == 0
