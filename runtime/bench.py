@@ -501,8 +501,9 @@ def lookup_table(runs: list[dict]) -> list[str]:
                  "artifacts exported with --pad-drafts (.onnx) or --pte-attention row_invariant_drafts (.pte), "
                  "as measured otherwise):", "",
              "| artifact | self-spec tok/s | with lookup tok/s | speedup | vs fastest plain | steps drafted by lookup "
-             "| acceptance | tokens/step | identical to plain (draft + verify) | to the full-model call |",
-             "|" + "---|" * 10]
+             "| acceptance | tokens/step | us/token: lookup steps / exit steps / full-call plain (share of tokens) "
+             "| identical to plain (draft + verify) | to the full-model call |",
+             "|" + "---|" * 11]
     for r in runs:
         m, n = r["modes"], r["prompts"]
         lk = m[measure.LOOKUP_MODE]
@@ -511,9 +512,18 @@ def lookup_table(runs: list[dict]) -> list[str]:
         lines.append(f"| {r['label']} | {m['spec']['decode_tokens_per_s']:.1f} | {lk['decode_tokens_per_s']:.1f} | "
                      f"**{lk['speedup']:.2f}x** | {'-' if vs_fastest is None else f'{vs_fastest:.2f}x'} | "
                      f"{lk['lookup_step_fraction']:.0%} | {lk['acceptance_rate']:.2f} | {lk['mean_tokens_per_step']:.2f} | "
-                     f"{round(lk['greedy_identical_fraction'] * n)} of {n} | "
+                     f"{step_costs(lk, m)} | {round(lk['greedy_identical_fraction'] * n)} of {n} | "
                      f"{'-' if full is None else f'{round(full * n)} of {n}'} |")
     return lines
+
+
+def step_costs(lookup: dict, modes: dict) -> str:
+    """'165 (81%) / 324 (19%) / 240': the cost per token of each kind of step, against plain decoding's."""
+    kinds = lookup.get("steps_by_kind", {})
+    parts = [f"{kinds[k]['us_per_token']:.0f} ({kinds[k]['token_share']:.0%})" if k in kinds else "-"
+             for k in ("lookup", "exit")]
+    full = modes.get("ar_full", {}).get("decode_tokens_per_s")
+    return " / ".join(parts + [f"{1e6 / full:.0f}" if full else "-"])
 
 
 def markdown(results: dict) -> str:

@@ -96,6 +96,10 @@ class GenerationStats:
     lookup_steps: int = 0  # steps whose drafts were looked up in the context (--lookup)
     steps: int = 0
     tokens_per_step: dict = field(default_factory=dict)  # histogram {tokens emitted in a step: steps}
+    # by step kind ("lookup": drafts from the context, "exit": drafts from the early exit, "plain": one token):
+    # tokens emitted and seconds spent, calls and the Python between them included
+    step_tokens: dict = field(default_factory=dict)
+    step_time_s: dict = field(default_factory=dict)
     draft_calls: int = 0
     verify_calls: int = 0
     full_calls: int = 0
@@ -327,17 +331,21 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
         if pos >= backend.max_seq_len:
             stats.stop_reason = "max_seq_len"
             break
+        started = time.perf_counter()
         room = backend.max_seq_len - 1 - pos  # drafts must fit at positions pos+1 .. pos+d
         if cfg.self_speculative and room > 0:
             looked_up = lookup_drafts(context, min(cfg.lookup, room), cfg.lookup_ngram) if cfg.lookup else []
             if looked_up:
-                accepted, new = lookup_step(calls, chooser, token, pos, looked_up)
+                kind, (accepted, new) = "lookup", lookup_step(calls, chooser, token, pos, looked_up)
             else:
-                accepted, new = speculative_step(calls, chooser, token, pos, min(cfg.num_speculations, room))
+                kind, (accepted, new) = "exit", speculative_step(calls, chooser, token, pos,
+                                                                  min(cfg.num_speculations, room))
             if context is not None:
                 context += new
         else:
-            accepted, new = autoregressive_step(calls, chooser, token, pos, cfg.full_model_baseline)
+            kind, (accepted, new) = "plain", autoregressive_step(calls, chooser, token, pos, cfg.full_model_baseline)
+        stats.step_time_s[kind] = stats.step_time_s.get(kind, 0.0) + time.perf_counter() - started
+        stats.step_tokens[kind] = stats.step_tokens.get(kind, 0) + len(new)
         stats.steps += 1
         stats.tokens_per_step[len(new)] = stats.tokens_per_step.get(len(new), 0) + 1
         pos += accepted + 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,15 +38,19 @@ class Pass:
     verify_ms_per_call: float
     tokens: list  # per prompt, for the exactness check
     lookup_step_fraction: float = 0.0  # steps drafted by lookup in the context (--lookup)
+    steps_by_kind: dict = field(default_factory=dict)  # {lookup|exit|plain: {token_share, us_per_token}}
 
 
 def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:
     decode_tokens = decode_s = drafted = accepted = steps = emitted = lookup_steps = 0.0
     draft_calls = verify_calls = draft_s = verify_s = 0.0
-    ttfts, tokens, hist = [], [], {}
+    ttfts, tokens, hist, kind_tokens, kind_s = [], [], {}, {}, {}
     for ids in prompts:
         result = generate(backend, ids, cfg)
         s = result.stats
+        for kind, n in s.step_tokens.items():
+            kind_tokens[kind] = kind_tokens.get(kind, 0) + n
+            kind_s[kind] = kind_s.get(kind, 0.0) + s.step_time_s[kind]
         decode_tokens += s.generated_tokens - 1
         decode_s += s.decode_time_s
         ttfts.append(s.time_to_first_token_s * 1000)
@@ -63,7 +67,14 @@ def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:
                 drafted / steps if steps else 0.0, {str(k): v for k, v in sorted(hist.items())},
                 1000 * draft_s / draft_calls if draft_calls else 0.0,
                 1000 * verify_s / verify_calls if verify_calls else 0.0, tokens,
-                lookup_steps / steps if steps else 0.0)
+                lookup_steps / steps if steps else 0.0, steps_by_kind(kind_tokens, kind_s))
+
+
+def steps_by_kind(kind_tokens: dict, kind_s: dict) -> dict:
+    """Each step kind's share of the emitted tokens and its cost per token (us), Python included."""
+    total = sum(kind_tokens.values())
+    return {kind: {"token_share": n / total, "us_per_token": 1e6 * kind_s[kind] / n}
+            for kind, n in sorted(kind_tokens.items()) if n}
 
 
 def peer_pass(decoder, prompts: list[list[int]], max_new_tokens: int) -> Pass:
@@ -110,7 +121,8 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
                   "mean_drafts_per_step": best.mean_drafts_per_step,
                   "tokens_per_step_histogram": best.histogram, "draft_ms_per_call": best.draft_ms_per_call,
                   "verify_ms_per_call": best.verify_ms_per_call,
-                  **({"lookup_step_fraction": best.lookup_step_fraction} if m == LOOKUP_MODE else {})}
+                  **({"lookup_step_fraction": best.lookup_step_fraction} if m == LOOKUP_MODE else {}),
+                  **({"steps_by_kind": best.steps_by_kind} if m in ("spec", LOOKUP_MODE) else {})}
     if "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
         if "spec" in runs:
             out.update(greedy_identity(backend, prompts, runs["spec"][-1].tokens, runs))

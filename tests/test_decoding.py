@@ -67,6 +67,16 @@ def test_greedy_with_looked_up_drafts_equals_autoregressive(model, autoregressiv
     assert 0 < s.lookup_steps < s.steps, "expected steps drafted by lookup and steps drafted by the exit"
     # a looked-up step puts its drafts through layers < E in one call; an exit step drafts in d + 1 calls
     assert s.draft_calls == s.lookup_steps + (d + 1) * (s.steps - s.lookup_steps) + 1  # + 1: the prompt
+    # every token a step emitted (the last step's may pass max_new_tokens) is counted under its kind of step
+    assert set(s.step_tokens) == set(s.step_time_s) == {"lookup", "exit"}
+    assert sum(s.step_tokens.values()) == sum(k * v for k, v in s.tokens_per_step.items()) >= len(result.tokens) - 1
+    assert s.step_tokens["lookup"] >= s.lookup_steps
+    assert 0 < sum(s.step_time_s.values()) <= s.decode_time_s
+
+
+def test_plain_decoding_counts_its_steps_as_plain(model):
+    s = generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=20, self_speculative=False)).stats
+    assert s.step_tokens == {"plain": 19} and set(s.step_time_s) == {"plain"}
 
 
 def test_a_higher_threshold_drafts_fewer_tokens(model):

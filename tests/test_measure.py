@@ -101,6 +101,13 @@ def test_the_lookup_mode_is_measured_beside_the_others_and_tabled(tiny_checkpoin
     assert lk["speedup"] == pytest.approx(lk["decode_tokens_per_s"] / max(out["ar"]["decode_tokens_per_s"],
                                                                           out["ar_full"]["decode_tokens_per_s"]))
     assert "lookup_step_fraction" not in out["spec"]
+    kinds = lk["steps_by_kind"]  # each kind of step's share of the tokens and its cost per token
+    assert set(kinds) == {"lookup", "exit"} and sum(k["token_share"] for k in kinds.values()) == pytest.approx(1.0)
+    assert all(k["us_per_token"] > 0 for k in kinds.values()) and set(out["spec"]["steps_by_kind"]) == {"exit"}
     lines = lookup_table([{"label": "eager", "prompts": 2, "modes": out}])
     assert lines[-1].startswith("| eager | ") and "| 2 of 2 | 2 of 2 |" in lines[-1]
+    costs = (f"| {kinds['lookup']['us_per_token']:.0f} ({kinds['lookup']['token_share']:.0%}) / "
+             f"{kinds['exit']['us_per_token']:.0f} ({kinds['exit']['token_share']:.0%}) / "
+             f"{1e6 / out['ar_full']['decode_tokens_per_s']:.0f} |")
+    assert costs in lines[-1]
     assert lookup_table([{"label": "eager", "prompts": 2, "modes": {"spec": out["spec"]}}]) == []
