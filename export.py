@@ -68,6 +68,11 @@ def parse_args(argv=None) -> ExportConfig:
                    help=".onnx: draft calls reach ONNX Runtime with 2+ rows (an even count at blocks >= 64), as verify "
                         "calls do, so that drafts looked up in the context (runtime --lookup K) give greedy output "
                         "equal to plain decoding by construction; every 1-token draft call pays a second row")
+    p.add_argument("--for-lookup", action="store_true",
+                   help="export every target so that drafts looked up in the context (runtime --lookup K, then on by "
+                        "default) give greedy output equal to plain decoding: --pte-attention row_invariant_drafts, "
+                        "--pad-drafts. A checkpoint without layerskip.json (no LayerSkip training) also gets exit "
+                        "layer L/4, --draft-threshold 0.99 and, above 16k tokens, --draft-vocab 256, unless given")
     p.add_argument("--jobs", type=int, metavar="N",
                    help=".pte: lower the methods in up to N processes at once (default: the cores this process may "
                         "use, e.g. under taskset, for models up to 300M parameters, else 1; 1: all in this process)")
@@ -77,7 +82,7 @@ def parse_args(argv=None) -> ExportConfig:
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
                         backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache, pte_attention=a.pte_attention,
                         draft_vocab=a.draft_vocab, draft_threshold=a.draft_threshold, jobs=a.jobs,
-                        pad_drafts=a.pad_drafts,
+                        pad_drafts=a.pad_drafts, for_lookup=a.for_lookup,
                         methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))
 
 

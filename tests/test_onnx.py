@@ -351,6 +351,36 @@ def test_the_recommended_draft_threshold_travels_to_the_runtime(tiny_checkpoint,
     assert spec.tokens == ar.tokens and spec.stats.early_stops > 0
 
 
+def test_for_lookup_exports_a_checkpoint_without_layerskip_training(tmp_path, capsys):
+    """--for-lookup on a checkpoint with no layerskip.json and a large vocabulary: exit at L/4, tau 0.99 and a
+    draft head over 256 tokens, said in one line; the artifact is exact for --lookup, which is then on."""
+    from conftest import tiny_model, write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "ckpt", tiny_model(vocab_size=20000, num_hidden_layers=8))
+    (checkpoint / "layerskip.json").unlink()
+    with pytest.raises(UserError, match="or --for-lookup to draft from the context only"):
+        export(checkpoint, tmp_path / "refused")
+    m = export(checkpoint, tmp_path / "a", for_lookup=True)
+    assert "records no exit" in capsys.readouterr().err
+    assert (m.exit_layer, m.draft_threshold, m.draft_vocab) == (2, 0.99, 256)
+    assert m.extra["pad_drafts"] and m.exact_lookup
+    chosen = export(checkpoint, tmp_path / "b", for_lookup=True, exit_layer=3, draft_threshold=0.5, draft_vocab=512)
+    assert (chosen.exit_layer, chosen.draft_threshold, chosen.draft_vocab) == (3, 0.5, 512)  # flags win
+    backend = open_artifact(m.directory).backend
+    plain = generate(backend, PROMPT, GenerationConfig(max_new_tokens=40, self_speculative=False))
+    looked_up = generate(backend, PROMPT, GenerationConfig(max_new_tokens=40, lookup=DEFAULT_LOOKUP,
+                                                           draft_threshold=m.draft_threshold))
+    assert looked_up.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("backend,pad_drafts", [("onnx", True), ("xnnpack", False), ("all", True)])
+def test_for_lookup_sets_what_makes_each_target_exact(tiny_checkpoint, backend, pad_drafts):
+    cfg = ExportConfig(model=tiny_checkpoint, backend=backend, for_lookup=True)
+    assert (cfg.pte_attention, cfg.pad_drafts, cfg.exact_lookup) == ("row_invariant_drafts", pad_drafts, True)
+    with pytest.raises(UserError, match="--for-lookup needs the row-invariant attention"):
+        ExportConfig(model=tiny_checkpoint, backend=backend, for_lookup=True, pte_attention="custom_sdpa")
+
+
 @pytest.mark.parametrize("group_size", [0, 48, 512])
 def test_a_block_size_matmulnbits_cannot_take_is_refused_before_any_work(tiny_checkpoint, tmp_path, group_size):
     with pytest.raises(UserError, match="MatMulNBits block size"):
