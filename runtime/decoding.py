@@ -35,7 +35,7 @@ from runtime.backend import Backend, has_full_model
 
 
 # K of --lookup where it is on by default (artifacts exact for it): K = 5 decoded at least as fast as
-# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Latest").
+# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Previous session").
 DEFAULT_LOOKUP = 5
 
 
