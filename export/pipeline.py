@@ -176,23 +176,25 @@ class Stages:
 
 def untrained_for_lookup(ckpt, cfg: ExportConfig) -> dict:
     """--for-lookup on a checkpoint that records no exit (no LayerSkip training, e.g. SmolLM2): what
-    FOR_LOOKUP_UNTRAINED gives it, where the flags leave it open, with a note of it."""
+    FOR_LOOKUP_UNTRAINED gives it where the flags leave it open, said in one line."""
     c = ckpt.config
-    chosen = {"exit_layer": max(1, round(c.num_hidden_layers / 4)),
-              "draft_threshold": FOR_LOOKUP_UNTRAINED["draft_threshold"]}
+    chosen = {}
+    if cfg.exit_layer is None:
+        chosen["exit_layer"] = max(1, round(c.num_hidden_layers / 4))
+    if cfg.draft_threshold is None:
+        chosen["draft_threshold"] = FOR_LOOKUP_UNTRAINED["draft_threshold"]
     if cfg.draft_vocab == 0 and c.vocab_size > FOR_LOOKUP_UNTRAINED["large_vocab"]:
         chosen["draft_vocab"] = FOR_LOOKUP_UNTRAINED["draft_vocab"]
-    print(f"[export] '{cfg.model}' records no exit (no layerskip.json): drafts come from the context; "
-          + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items()) + " (pass them to choose otherwise)",
-          file=sys.stderr, flush=True)
+    if chosen:
+        print(f"[export] '{cfg.model}' records no exit (no layerskip.json): drafts come from the context; "
+              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items()) + " (pass them to choose otherwise)",
+              file=sys.stderr, flush=True)
     return chosen
 
 
 def resolve(cfg: ExportConfig) -> Resolved:
     ckpt = read_checkpoint(cfg.model)
-    untrained = {}
-    if cfg.for_lookup and "exit_layer" not in ckpt.recommended and cfg.exit_layer is None:
-        untrained = untrained_for_lookup(ckpt, cfg)
+    untrained = untrained_for_lookup(ckpt, cfg) if cfg.for_lookup and "exit_layer" not in ckpt.recommended else {}
     exit_layer = next((e for e in (cfg.exit_layer, ckpt.recommended.get("exit_layer"), untrained.get("exit_layer"))
                        if e is not None), None)
     if exit_layer is None:

@@ -366,6 +366,9 @@ def test_for_lookup_exports_a_checkpoint_without_layerskip_training(tmp_path, ca
     assert m.extra["pad_drafts"] and m.exact_lookup
     chosen = export(checkpoint, tmp_path / "b", for_lookup=True, exit_layer=3, draft_threshold=0.5, draft_vocab=512)
     assert (chosen.exit_layer, chosen.draft_threshold, chosen.draft_vocab) == (3, 0.5, 512)  # flags win
+    assert "records no exit" not in capsys.readouterr().err  # nothing left to choose, nothing said
+    partly = export(checkpoint, tmp_path / "c", for_lookup=True, exit_layer=3)
+    assert (partly.exit_layer, partly.draft_threshold, partly.draft_vocab) == (3, 0.99, 256)
     backend = open_artifact(m.directory).backend
     plain = generate(backend, PROMPT, GenerationConfig(max_new_tokens=40, self_speculative=False))
     looked_up = generate(backend, PROMPT, GenerationConfig(max_new_tokens=40, lookup=DEFAULT_LOOKUP,
