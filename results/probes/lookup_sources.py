@@ -23,16 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from models.data import corpus_files, encode_files, prompt_set, split_files  # noqa: E402
 from runtime.bench import encode_prompts  # noqa: E402
-from runtime.decoding import GenerationConfig, generate  # noqa: E402
+from runtime.decoding import GenerationConfig, generate, lookup_drafts  # noqa: E402
 from runtime.loader import open_artifact  # noqa: E402
-
-
-def latest_continuation(context, k, n):
-    tail = context[-n:]
-    for j in range(len(context) - n - 1, -1, -1):
-        if context[j:j + n] == tail:
-            return context[j + n:j + n + k]
-    return []
 
 
 class TrigramChains:
@@ -69,7 +61,7 @@ def replay(prompts, outputs, k, ngrams, chains=None, min_share=1.0, base=1.0, pe
         while i < len(seq):
             context, drafts, source = seq[:i], [], "none"
             for n in ngrams:
-                drafts = latest_continuation(context, k, n)
+                drafts = lookup_drafts(context, k, n)
                 if drafts:
                     source = f"context {n}-gram"
                     break
