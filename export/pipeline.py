@@ -195,17 +195,16 @@ def untrained_for_lookup(ckpt, cfg: ExportConfig) -> dict:
 def resolve(cfg: ExportConfig) -> Resolved:
     ckpt = read_checkpoint(cfg.model)
     untrained = untrained_for_lookup(ckpt, cfg) if cfg.for_lookup and "exit_layer" not in ckpt.recommended else {}
-    exit_layer = next((e for e in (cfg.exit_layer, ckpt.recommended.get("exit_layer"), untrained.get("exit_layer"))
-                       if e is not None), None)
+    # Artifacts made for --lookup draft from the exit only where the context has no match: the checkpoint
+    # may record the d and tau measured best for that ("with_lookup" in layerskip.json).
+    recommended = {**ckpt.recommended, **(ckpt.recommended.get("with_lookup", {}) if cfg.exact_lookup else {}),
+                   **untrained}
+    exit_layer = cfg.exit_layer if cfg.exit_layer is not None else recommended.get("exit_layer")
     if exit_layer is None:
         raise UserError(f"checkpoint '{cfg.model}' records no recommended exit layer (no layerskip.json); pass "
                         f"--exit-layer E (python -m models.evaluate --model {cfg.model} shows each exit's acceptance), "
                         f"or --for-lookup to draft from the context only.")
     ckpt.config.check_exit_layer(int(exit_layer))
-    # Artifacts made for --lookup draft from the exit only where the context has no match: the checkpoint
-    # may record the d and tau measured best for that ("with_lookup" in layerskip.json).
-    recommended = {**ckpt.recommended, **(ckpt.recommended.get("with_lookup", {}) if cfg.exact_lookup else {}),
-                   **untrained}
     d = cfg.num_speculations if cfg.num_speculations is not None else int(
         recommended.get("num_speculations", DEFAULT_DRAFT_LENGTH))
     if d + 1 > cfg.max_tokens_per_call:
