@@ -2,6 +2,9 @@
 
     draft        (tokens [1, T], input_pos [1]) -> hidden [1, T, dim], logits [1, vocab] (last position)
     verify       (hidden [1, T, dim], input_pos [1]) -> logits [1, T, vocab]
+    draft_verify (tokens [1, T], input_pos [1]) -> hidden [1, T, dim], logits [1, T, vocab]
+                 draft (without its exit head) and verify in one call: a step whose drafts were looked up
+                 in the context needs no exit logits (artifacts exported for exact lookup)
     forward      (tokens [1, T], input_pos [1]) -> logits [1, vocab] (last position; the full model)
     draft_greedy (token [1, 1], input_pos [1]) -> drafts [d], hidden [1, d+1, dim]
                  d greedy draft steps and the last draft's prefix pass in one call (static d)
@@ -22,6 +25,13 @@ from torch import nn
 from models.model import Transformer
 
 DEFAULT_METHODS = ("draft", "verify", "forward")
+# In artifacts exported for exact lookup (export/pipeline.py: ExportConfig.methods_for): one call instead of a
+# draft and a verify call per lookup step, which saves one call's fixed cost (shipped model at int4, 6 rows at
+# position 200: 551.7 vs 585.5 us on the .pte). It holds every layer, so its weights are in memory once more
+# (XNNPACK packs each method's, each ONNX Runtime session holds its own): only for models small enough that
+# a call's fixed cost matters and a second copy of the weights is cheap.
+LOOKUP_METHOD = "draft_verify"
+LOOKUP_METHOD_MAX_PARAMETERS = 50_000_000
 # draft_greedy is opt-in (export.py --fused-draft): on XNNPACK here it is no faster than d draft calls
 # (fp32, default model: 5.08 ms per fused call vs 5 x 0.97 ms) and packs the prefix weights again
 # (fp32 default model self-speculating: 529 MB peak RSS with it, 447 MB without).
@@ -66,6 +76,16 @@ class VerifyMethod(nn.Module):
         return (self.model.suffix(hidden, input_pos, self.exit_layer, caches=caches),)
 
 
+class DraftVerifyMethod(nn.Module):
+    def __init__(self, model: Transformer, exit_layer: int):
+        super().__init__()
+        self.model, self.exit_layer = model, exit_layer
+
+    def forward(self, tokens, input_pos, caches=None):
+        hidden = self.model.prefix(tokens, input_pos, self.exit_layer, logits="none", caches=caches).hidden
+        return hidden, self.model.suffix(hidden, input_pos, self.exit_layer, caches=caches)
+
+
 class FullMethod(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
@@ -105,13 +125,14 @@ def method_module(name: str, model: Transformer, exit_layer: int, draft_length: 
     return {"draft": lambda: DraftMethod(model, exit_layer),
             "draft_greedy": lambda: DraftGreedyMethod(model, exit_layer, draft_length),
             "verify": lambda: VerifyMethod(model, exit_layer),
+            "draft_verify": lambda: DraftVerifyMethod(model, exit_layer),
             "forward": lambda: FullMethod(model),
             "forward_all": lambda: FullLogitsMethod(model),
             "all": lambda: AllMethods(model, exit_layer)}[name]()
 
 
 def output_names(name: str) -> list[str]:
-    return {"draft": ["hidden", "logits"], "draft_greedy": ["drafts", "hidden"],
+    return {"draft": ["hidden", "logits"], "draft_greedy": ["drafts", "hidden"], "draft_verify": ["hidden", "logits"],
             "all": ["hidden", "draft_logits", "verify_logits", "logits"]}.get(name, ["logits"])
 
 

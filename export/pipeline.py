@@ -25,7 +25,7 @@ from models.checkpoint import DEFAULT_MODEL_DIR, checkpoint_hash, load_model, re
 from models.draft_vocab import check_draft_vocab, draft_vocab_ids
 from models.config import ModelConfig
 from models.model import Transformer
-from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD
+from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD, LOOKUP_METHOD, LOOKUP_METHOD_MAX_PARAMETERS
 from runtime.artifact import Manifest, exact_for_lookup, write_manifest
 from runtime.decoding import check_draft_threshold
 from runtime.errors import UserError
@@ -47,7 +47,7 @@ DEFAULT_GROUP_SIZE = {"pte": 32, "onnx": 128}
 # verifying (SmolLM2-135M: acceptance 0.01 at layer 8 of 30), so a step without a match in the context
 # decodes one token (tau 0.99), the exit at L/4 only splits the draft and verify calls, and at a large
 # vocabulary a draft head over 256 tokens keeps the exit's head out of each draft call (SmolLM2: 1.53 ->
-# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Latest").
+# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Previous session").
 FOR_LOOKUP_UNTRAINED = {"draft_threshold": 0.99, "draft_vocab": 256, "large_vocab": 16384}
 
 
@@ -136,6 +136,15 @@ class ExportConfig:
 
     def targets(self) -> list[str]:
         return ["xnnpack", "onnx"] if self.backend == "all" else [self.backend]
+
+    def methods_for(self, target: str, config: ModelConfig) -> list[str]:
+        """The methods of `target`'s artifact: --fused-draft's only on the .pte; draft_verify where it is
+        exported for exact lookup (runtime.generate looks drafts up by default there), for a small model."""
+        methods = [m for m in self.methods if target != "onnx" or m != FUSED_DRAFT_METHOD]
+        if (exact_for_lookup(target, self.pad_drafts, self.onnx_kv_cache, self.pte_attention)
+                and config.num_parameters() <= LOOKUP_METHOD_MAX_PARAMETERS and LOOKUP_METHOD not in methods):
+            methods.append(LOOKUP_METHOD)
+        return methods
 
     @property
     def exact_lookup(self) -> bool:

@@ -1,9 +1,10 @@
-"""Lowering to ONNX: draft.onnx, verify.onnx and forward.onnx sharing one weights file.
+"""Lowering to ONNX: draft.onnx, verify.onnx and forward.onnx (and draft_verify.onnx) sharing one weights file.
 
 The model is traced once, torch.onnx.export(dynamo=True) of the `all` method (export/methods.py:
 the draft, verify and forward methods' code in one graph, KV caches as explicit inputs/outputs,
 export/onnx_attention.py), quantized once, and each method's graph is cut out of it: draft =
-tokens -> hidden, exit logits; verify = hidden -> logits; forward = tokens -> logits. (Tracing each
+tokens -> hidden, exit logits; verify = hidden -> logits; forward = tokens -> logits; draft_verify = tokens
+-> hidden, logits. (Tracing each
 method alone took twice as long: 8.7 s vs 4.1-4.5 s for the shipped model.) Initializers are written
 once into weights.bin, keyed by content, and every graph refers to them by offset.
 """
@@ -78,7 +79,7 @@ def method_io(name: str, exit_layer: int, num_layers: int) -> tuple[list[str], d
     layers = method_layers(name, exit_layer, num_layers)
     inputs = ["hidden" if name == "verify" else "tokens", "input_pos", *cache_input_names(layers)]
     outputs = {"draft": {"hidden": "hidden", "draft_logits": "logits"}, "verify": {"verify_logits": "logits"},
-               "forward": {"logits": "logits"}}[name]
+               "draft_verify": {"hidden": "hidden", "verify_logits": "logits"}, "forward": {"logits": "logits"}}[name]
     return inputs, {**outputs, **{n: n for n in cache_output_names(layers)}}
 
 
@@ -224,7 +225,7 @@ def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
     kind = cfg.onnx_kv_cache
     # The fused greedy draft is .pte-only: in ONNX each of its d+1 passes would need its own KV output
     # (a value can be written once), and ONNX Runtime would copy whole caches between them.
-    methods = [m for m in cfg.methods if m != "draft_greedy"]
+    methods = cfg.methods_for("onnx", model.config)
     # One trace and one quantization for all methods, then each method's graph is cut out of it.
     combined = stages.run("trace", trace_all, model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call, kind)
     combined = stages.run("quantize", quantize, combined, scheme, cfg.group_size_for("onnx", model.config, r.ckpt.recommended))

@@ -197,7 +197,7 @@ def prepare_for_executorch(model: Transformer, max_seq_len: int, attention: str 
     c = model.config
     row_invariant = attention in ("row_invariant", "row_invariant_drafts")
     model.key_mask = KeyMask() if row_invariant else None  # then these methods take a key mask:
-    model.key_mask_methods = ("draft", "verify") if attention == "row_invariant_drafts" else ("verify",)
+    model.key_mask_methods = ("draft", "verify", "draft_verify") if attention == "row_invariant_drafts" else ("verify",)
     first_row_invariant = 0 if attention == "row_invariant_drafts" else exit_layer
 
     def cache(layer: int) -> nn.Module:
@@ -502,10 +502,11 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     prepare_for_executorch(model, r.max_seq_len, cfg.pte_attention, r.exit_layer)
     constants = runtime_constants(model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call)
     jobs = cfg.jobs or default_jobs(model)
-    stages.run("trace, lower and save", trace_and_lower, model, list(cfg.methods), r.exit_layer,
+    methods = cfg.methods_for("pte", model.config)
+    stages.run("trace, lower and save", trace_and_lower, model, methods, r.exit_layer,
                cfg.max_tokens_per_call, r.num_speculations, backend, constants, directory / "model.pte", jobs)
     return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
-                         methods=list(cfg.methods), quant=scheme, backend=backend,
+                         methods=methods, quant=scheme, backend=backend,
                          extra={"attention": cfg.pte_attention, **({"key_mask_methods": list(model.key_mask_methods)}
                                                                    if model.key_mask is not None else {})})
 

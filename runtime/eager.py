@@ -41,6 +41,13 @@ class EagerBackend:
         hidden = self.exit_cache[pos:pos + count][None]  # [1, count, dim]
         return self.model.suffix(hidden, torch.tensor([pos]), self.exit_layer)[0].numpy()
 
+    has_draft_verify = True
+
+    def draft_verify(self, tokens, pos):
+        """draft and verify in one call, as artifacts exported for exact lookup have it: logits [count, V]."""
+        self.draft(tokens, pos)
+        return self.verify(pos, len(tokens))
+
     @torch.inference_mode()
     def forward(self, tokens, pos):
         tokens_t, pos_t = self._inputs(tokens, pos)

@@ -1,4 +1,4 @@
-"""The ExecuTorch backend: runs the draft / verify / forward methods of a .pte through executorch.runtime.
+"""The ExecuTorch backend: runs the draft / verify / forward (/ draft_verify) methods of a .pte through executorch.runtime.
 
 Logits leave it as numpy views of the method outputs (no copy), valid until the next call.
 """
@@ -44,11 +44,13 @@ class ExecuTorchBackend:
         self.max_seq_len = manifest.max_seq_len
         self.max_tokens_per_call = manifest.max_tokens_per_call
         fused = "draft_greedy" in manifest.methods
+        self.has_draft_verify = "draft_verify" in manifest.methods
         self.fused_draft_length = manifest.num_speculations if fused else None
         # Methods are loaded when first called (XNNPACK packs each method's weights again); `preload`
         # (default: the self-speculative ones) up front, so that loading is not timed as decoding.
         self._loaded = {}
-        for name in preload if preload is not None else ("draft", "verify") + (("draft_greedy",) if fused else ()):
+        default = ("draft", "verify") + (("draft_greedy",) if fused else ()) + (("draft_verify",) if self.has_draft_verify else ())
+        for name in preload if preload is not None else default:
             self._get(name)
         self.exit_cache = np.zeros((self.max_seq_len, manifest.shape.hidden_size), np.float32)  # layer-E hidden states
         # Token ids and the position live in tensors made once, written in place through numpy views
@@ -123,6 +125,12 @@ class ExecuTorchBackend:
         hidden = torch.from_numpy(self.exit_cache[pos:pos + count][None])  # [1, count, dim], contiguous
         self._position_np[0] = pos
         return self._get("verify").execute((hidden, self._position) + self._key_mask(pos, count))[0].numpy()[0]
+
+    def draft_verify(self, tokens, pos):
+        """draft and verify in one call (artifacts with that method): logits [count, V]; fills exit-cache rows."""
+        hidden, logits = self._get("draft_verify").execute(self._inputs(tokens, pos) + self._key_mask(pos, len(tokens)))
+        self.exit_cache[pos:pos + len(tokens)] = hidden.numpy()[0]
+        return logits.numpy()[0]
 
     def forward(self, tokens, pos):
         mask = self._key_mask(pos, len(tokens)) if self._forward_mask else ()

@@ -181,6 +181,7 @@ class OnnxBackend:
         self.logits = np.zeros((self.max_tokens_per_call + 1, c.vocab_size), np.float32)  # + a pairing row
         self.verify_row_multiple = 2 if manifest.quant != "none" and manifest.group_size >= 64 else 1
         self.pad_drafts = bool(manifest.extra.get("pad_drafts"))  # module docstring
+        self.has_draft_verify = "draft_verify" in manifest.methods
         self.token_ids = np.zeros(self.max_seq_len, np.int64)  # the token drafted at each position (--pad-drafts)
         # token ids and position live in two host arrays bound by pointer: a call writes them in place
         self.tokens = np.zeros((1, self.max_tokens_per_call + 1), np.int64)  # + a padding row (--pad-drafts)
@@ -190,7 +191,7 @@ class OnnxBackend:
         self._last_logits = (1, c.vocab_size)  # the shape draft and forward write: the last row's logits
         # Sessions are created when first used (each holds its own weights), `preload` up front.
         self._sessions: dict[str, OnnxMethod] = {}
-        for name in preload if preload is not None else ("draft", "verify"):
+        for name in preload if preload is not None else ("draft", "verify") + (("draft_verify",) if self.has_draft_verify else ()):
             self._get(name)
 
     def _get(self, name: str) -> OnnxMethod:
@@ -251,6 +252,24 @@ class OnnxBackend:
                     return self.draft_rows([int(self.token_ids[pos - 1]), *tokens], pos - 1)
                 return self.draft_rows([*tokens, tokens[-1]], pos)
         return self.draft_rows(tokens, pos)
+
+    def draft_verify(self, tokens, pos):
+        """draft and verify in one call (artifacts with that method), padded as a draft call is: logits [count, V]."""
+        count = len(tokens)
+        self.token_ids[pos:pos + count] = tokens
+        start, rows = pos, count
+        if self.padded_rows(count) > count:
+            if pos > 0:
+                start, rows, tokens = pos - 1, count + 1, [int(self.token_ids[pos - 1]), *tokens]
+            else:
+                rows, tokens = count + 1, [*tokens, tokens[-1]]
+        m = self._get("draft_verify")
+        self._set_tokens(m, tokens, start)
+        m.bind_pointer("hidden", True, self.device, (1, rows, self.dim), self._exit_rows(start))
+        self._bind_logits(m, (1, rows, self.logits.shape[1]))
+        m.run()
+        m.write_new_rows(self.caches, start)
+        return self.logits[pos - start:pos - start + count]
 
     def draft_rows(self, tokens, pos):
         """draft.onnx on the tokens as given (no padding): the last one's exit logits [V]."""

@@ -78,10 +78,32 @@ def drafts_together_and_alone(backend) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
+def draft_verify_and_one_by_one(backend) -> tuple[np.ndarray, np.ndarray]:
+    """Exit-cache rows and logits of five tokens after the prompt: through one draft_verify call, and
+    through 1-token draft and verify calls (plain decoding)."""
+    out = []
+    for merged in (True, False):
+        backend.draft(PROMPT, 0)
+        backend.verify(0, len(PROMPT))
+        pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
+        if merged:
+            logits = np.array(backend.draft_verify(tokens, pos))
+        else:
+            logits = []
+            for k, token in enumerate(tokens):
+                backend.draft([token], pos + k)
+                logits.append(np.array(backend.verify(pos + k, 1)[0]))
+            logits = np.stack(logits)
+        exit_cache = backend.exit_cache.numpy() if hasattr(backend.exit_cache, "numpy") else backend.exit_cache
+        out.append((np.array(exit_cache[pos:pos + 5]), logits))
+    return out[0], out[1]
+
+
 def check_looked_up_drafts_keep_the_tokens(backend, monkeypatch, k: int = 4) -> None:
     """Make --lookup propose plain decoding's next k tokens at every step, the third of them wrong at every
     other step (so both full and partial acceptances occur), and check that every step then drafts by
-    lookup in one prefix call and decodes plain decoding's tokens."""
+    lookup in one call (draft_verify, where the artifact has it) or one prefix call, and decodes plain
+    decoding's tokens."""
     from runtime import decoding
     from runtime.decoding import GenerationConfig, generate
 
@@ -100,7 +122,9 @@ def check_looked_up_drafts_keep_the_tokens(backend, monkeypatch, k: int = 4) -> 
     result = generate(backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3, lookup=k))
     s = result.stats
     assert result.tokens == plain
-    assert s.lookup_steps == s.steps and s.draft_calls == s.steps + 1  # + 1: the prompt
+    merged = getattr(backend, "has_draft_verify", False)
+    assert s.lookup_steps == s.steps and s.draft_calls == (0 if merged else s.steps) + 1  # + 1: the prompt
+    assert s.verify_calls == s.steps + 1
     assert 0 < s.accepted < s.drafted
 
 

@@ -52,21 +52,27 @@ def test_lookup_proposes_what_followed_the_latest_earlier_occurrence():
     context = [1, 2, 3, 9, 1, 2, 4, 5, 6, 1, 2]
     assert decoding.lookup_drafts(context, 3, 2) == [4, 5, 6]  # the latest [1, 2] before the tail, not the first
     assert decoding.lookup_drafts(context, 2, 2) == [4, 5]  # at most k
-    assert decoding.lookup_drafts(context, 8, 2) == [4, 5, 6, 1, 2]  # up to the end of the context
+    # past the end of the context the copy goes on over what it copied: [4, 5, 6, 1, 2] repeats
+    assert decoding.lookup_drafts(context, 8, 2) == [4, 5, 6, 1, 2, 4, 5, 6]
     assert decoding.lookup_drafts(context, 3, 3) == []  # [6, 1, 2] never occurred before
-    assert decoding.lookup_drafts([7, 8, 7], 3, 1) == [8, 7]
+    assert decoding.lookup_drafts([7, 8, 7], 3, 1) == [8, 7, 8]
+    assert decoding.lookup_drafts([5, 5], 4, 1) == [5, 5, 5, 5]  # a run of one token
+    assert decoding.lookup_drafts([3, 1, 2, 1, 2], 5, 2) == [1, 2, 1, 2, 1]  # the tail's own period, 2
     assert decoding.lookup_drafts([7], 3, 2) == []
 
 
-@pytest.mark.parametrize("d,k", [(3, 4), (2, 8)])
-def test_greedy_with_looked_up_drafts_equals_autoregressive(model, autoregressive_tokens, d, k):
-    result = generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=150, num_speculations=d,
-                                                                            lookup=k))
+@pytest.mark.parametrize("d,k,one_call", [(3, 4, True), (2, 8, True), (3, 4, False)])
+def test_greedy_with_looked_up_drafts_equals_autoregressive(model, autoregressive_tokens, d, k, one_call):
+    backend = EagerBackend(model, 2, 256)
+    backend.has_draft_verify = one_call  # False: draft and verify calls, as artifacts without draft_verify
+    result = generate(backend, PROMPT, GenerationConfig(max_new_tokens=150, num_speculations=d, lookup=k))
     assert result.tokens == autoregressive_tokens
     s = result.stats
     assert 0 < s.lookup_steps < s.steps, "expected steps drafted by lookup and steps drafted by the exit"
-    # a looked-up step puts its drafts through layers < E in one call; an exit step drafts in d + 1 calls
-    assert s.draft_calls == s.lookup_steps + (d + 1) * (s.steps - s.lookup_steps) + 1  # + 1: the prompt
+    # a looked-up step puts its drafts through layers < E in one call (with the verify, one_call); an exit
+    # step drafts in d + 1 calls
+    assert s.draft_calls == (0 if one_call else s.lookup_steps) + (d + 1) * (s.steps - s.lookup_steps) + 1  # + 1: the prompt
+    assert s.verify_calls == s.steps + 1
     # every token a step emitted (the last step's may pass max_new_tokens) is counted under its kind of step
     assert set(s.step_tokens) == set(s.step_time_s) == {"lookup", "exit"}
     assert sum(s.step_tokens.values()) == sum(k * v for k, v in s.tokens_per_step.items()) >= len(result.tokens) - 1

@@ -13,8 +13,8 @@ import torch
 from runtime.artifact import read_manifest
 from export.pipeline import ExportConfig, run_export
 from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact,
-                      drafts_together_and_alone, eager_reference, generate_cli_lookup, max_diff,
-                      verify_together_and_alone)
+                      draft_verify_and_one_by_one, drafts_together_and_alone, eager_reference, generate_cli_lookup,
+                      max_diff, verify_together_and_alone)
 from runtime.errors import UserError
 from runtime.decoding import DEFAULT_LOOKUP, GenerationConfig, generate
 from runtime.loader import open_artifact
@@ -82,12 +82,19 @@ def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invar
     """--pte-attention row_invariant_drafts: a multi-row draft (tokens looked up in the context) leaves each
     row's layer-E state and verify logits with the bits of 1-token drafts, so --lookup equals plain decoding
     by construction; the draft method attends without custom_sdpa. (On this tiny model custom_sdpa's draft
-    rows happen to agree too at these positions; on SmolLM2 they do not, README "Two sessions ago".)"""
+    rows happen to agree too at these positions; on SmolLM2 they do not, README "Three sessions ago".)"""
     backend = open_artifact(row_invariant_drafts_pte.directory).backend
     (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
     assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
     draft = instructions(row_invariant_drafts_pte.path("program"), "draft")
-    assert draft["llama::custom_sdpa"] == 0 and row_invariant_drafts_pte.extra["key_mask_methods"] == ["draft", "verify"]
+    assert draft["llama::custom_sdpa"] == 0
+    assert row_invariant_drafts_pte.extra["key_mask_methods"] == ["draft", "verify", "draft_verify"]
+    # a lookup step's draft and verify in one call (draft_verify): the bits of plain decoding's 1-token calls
+    assert "draft_verify" in row_invariant_drafts_pte.methods and backend.has_draft_verify
+    (rows, logits), (rows_alone, logits_alone) = draft_verify_and_one_by_one(backend)
+    assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
+    check_looked_up_drafts_keep_the_tokens(backend, monkeypatch)
+    backend.has_draft_verify = False  # the draft + verify calls of a lookup step, as before
     check_looked_up_drafts_keep_the_tokens(backend, monkeypatch)
 
 

@@ -9,8 +9,8 @@ import torch
 
 from export.pipeline import ExportConfig, run_export
 from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tokens, copy_artifact,
-                      drafts_together_and_alone, eager_reference, generate_cli_lookup, max_diff,
-                      verify_together_and_alone)
+                      draft_verify_and_one_by_one, drafts_together_and_alone, eager_reference, generate_cli_lookup,
+                      max_diff, verify_together_and_alone)
 from runtime.errors import UserError
 from runtime.decoding import DEFAULT_LOOKUP, GenerationConfig, generate
 from runtime.artifact import read_manifest
@@ -114,6 +114,27 @@ def test_padded_drafts_give_a_row_the_bits_of_a_one_token_draft(which, request, 
                                       extra={**extra, "pad_drafts": True})).backend
     ar = generate(odd, PROMPT, GenerationConfig(max_new_tokens=30, self_speculative=False))
     assert generate(odd, PROMPT, GenerationConfig(max_new_tokens=30, num_speculations=3, lookup=6)).tokens == ar.tokens
+
+
+def test_a_lookup_step_in_one_call_has_the_bits_of_plain_decoding(tiny_checkpoint, int4_onnx, tmp_path, monkeypatch):
+    """Artifacts exported for exact lookup hold draft_verify.onnx (draft and verify in one graph, padded as a
+    draft call is): its rows have the bits of 1-token draft + verify calls, at int4 blocks of 64, where
+    odd row counts are padded, and a lookup step is then one call. Other artifacts go without it."""
+    manifest = export(tiny_checkpoint, tmp_path, quant="int4", for_lookup=True)
+    assert manifest.methods == ["draft", "verify", "forward", "draft_verify"] and manifest.group_size == 64
+    assert "draft_verify" not in int4_onnx.methods and not open_artifact(int4_onnx.directory).backend.has_draft_verify
+    backend = open_artifact(manifest.directory).backend
+    assert backend.has_draft_verify
+    for _ in range(2):  # at position 5 (padded from the row before) and again, with its rows written
+        (rows, logits), (rows_alone, logits_alone) = draft_verify_and_one_by_one(backend)
+        assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
+    tokens = [PROMPT[0], 5, 6]  # at position 0, padded with a row after
+    merged, one_by_one = np.array(backend.draft_verify(tokens, 0)), []
+    for k, token in enumerate(tokens):
+        backend.draft([token], k)
+        one_by_one.append(np.array(backend.verify(k, 1)[0]))
+    assert np.array_equal(merged, np.stack(one_by_one))
+    check_looked_up_drafts_keep_the_tokens(backend, monkeypatch)
 
 
 def test_lookup_is_on_by_default_only_where_it_is_exact(fp32_onnx, tmp_path, capsys):
@@ -382,6 +403,25 @@ def test_for_lookup_sets_what_makes_each_target_exact(tiny_checkpoint, backend, 
     assert (cfg.pte_attention, cfg.pad_drafts, cfg.exact_lookup) == ("row_invariant_drafts", pad_drafts, True)
     with pytest.raises(UserError, match="--for-lookup needs the row-invariant attention"):
         ExportConfig(model=tiny_checkpoint, backend=backend, for_lookup=True, pte_attention="custom_sdpa")
+
+
+def test_the_one_call_lookup_method_is_for_small_models_exported_for_exact_lookup():
+    """draft_verify holds every layer, a second copy of the weights in memory: only artifacts exact for
+    lookup get it, and only below LOOKUP_METHOD_MAX_PARAMETERS (the shipped model: 7.9M; SmolLM2-135M not)."""
+    from export.methods import LOOKUP_METHOD_MAX_PARAMETERS
+    from models.config import ModelConfig
+
+    small = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                        num_attention_heads=4, num_key_value_heads=4)
+    large = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3)
+    assert small.num_parameters() < LOOKUP_METHOD_MAX_PARAMETERS < large.num_parameters()
+    both = ExportConfig(backend="all", for_lookup=True)
+    assert both.methods_for("onnx", small) == both.methods_for("pte", small) == ["draft", "verify", "forward", "draft_verify"]
+    assert both.methods_for("onnx", large) == both.methods_for("pte", large) == ["draft", "verify", "forward"]
+    padded_only = ExportConfig(backend="all", pad_drafts=True)  # the .pte's drafts are not row-invariant there
+    assert padded_only.methods_for("onnx", small)[-1] == "draft_verify" and "draft_verify" not in padded_only.methods_for("pte", small)
+    assert "draft_verify" not in ExportConfig(backend="all").methods_for("onnx", small)
 
 
 @pytest.mark.parametrize("group_size", [0, 48, 512])
