@@ -15,7 +15,8 @@ of its last n tokens (lookup_ngram, 2); the K tokens that followed it (a run tha
 repeated) are the drafts, put through layers [0, E) in one call of k+1 rows (t and the drafts) instead of one
 call each, and verified as above, or through all layers in one call where the artifact has draft_verify (with
 sampling, as drafts drawn from a one-hot distribution, so the acceptance rule still samples the model's
-distribution). Steps without such an occurrence draft from the exit. The multi-row prefix call computes
+distribution). After a lookup step whose drafts were all accepted, the next one may draft more
+(lookup_run, LOOKUP_AFTER_RUN). Steps without such an occurrence draft from the exit. The multi-row prefix call computes
 rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
 backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
 with --pad-drafts (runtime/onnx_backend.py) and .pte artifacts exported with --pte-attention
@@ -38,6 +39,11 @@ from runtime.backend import Backend, has_full_model
 # K of --lookup where it is on by default (artifacts exact for it): K = 5 decoded at least as fast as
 # K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Two sessions ago").
 DEFAULT_LOOKUP = 5
+# K after a lookup step whose drafts were all accepted (a repeating run), by backend; elsewhere K itself.
+# XNNPACK's multi-row calls grow slowly with rows, ONNX Runtime's int4 ones do not: measured 5 -> 12 after a
+# full accept, shipped model exact .pte 5811 -> 5976 and 5413 -> 5937 tok/s, SmolLM2 .pte 402 -> 424; ONNX
+# 5375 -> 4982 and 5429 -> 5081 (shipped), SmolLM2 323 -> 322 (README, "Latest").
+LOOKUP_AFTER_RUN = {"executorch": 12}
 
 
 def check_draft_threshold(tau: float) -> float:
@@ -61,6 +67,7 @@ class GenerationConfig:
     draft_threshold: float = 0.0  # tau: stop drafting when the exit's top-1 probability falls below it (0: off)
     lookup: int = 0  # K: drafts looked up in the context, at most K per step (0: off; module docstring)
     lookup_ngram: int = 2  # tokens matched by the lookup (1 proposes too often; 2 and 3 measured alike, README)
+    lookup_run: Optional[int] = None  # K after a lookup step whose drafts were all accepted; None: LOOKUP_AFTER_RUN
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -76,6 +83,8 @@ class GenerationConfig:
         check_draft_threshold(self.draft_threshold)
         if self.lookup < 0:
             raise UserError(f"--lookup {self.lookup} must be >= 0 (0 is off; K: the most drafts looked up per step).")
+        if self.lookup_run is not None and self.lookup_run < 0:
+            raise UserError(f"--lookup-run {self.lookup_run} must be >= 0 (0: K throughout).")
         if self.lookup_ngram < 1:
             raise UserError(f"lookup_ngram {self.lookup_ngram} must be >= 1 (tokens matched).")
 
@@ -323,9 +332,14 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
     check_prompt(prompt, backend.max_seq_len)
     if cfg.full_model_baseline and not has_full_model(backend):
         raise UserError(f"the {backend.name} backend has no full-model method; drop --full-model.")
-    if cfg.lookup >= backend.max_tokens_per_call:
-        raise UserError(f"--lookup {cfg.lookup} drafts need {cfg.lookup + 1} rows in one call, but this artifact takes "
-                        f"at most {backend.max_tokens_per_call}; use --lookup {backend.max_tokens_per_call - 1} or fewer.")
+    most = backend.max_tokens_per_call - 1
+    for flag, k in (("--lookup", cfg.lookup), ("--lookup-run", cfg.lookup_run or 0)):
+        if k > most:
+            raise UserError(f"{flag} {k} drafts need {k + 1} rows in one call, but this artifact takes at most "
+                            f"{most + 1}; use {flag} {most} or fewer.")
+    # K after a lookup step whose drafts were all accepted (a backend's default is cut to what fits)
+    run_k = min(LOOKUP_AFTER_RUN.get(backend.name, 0), most) if cfg.lookup_run is None else cfg.lookup_run
+    run_k = max(run_k, cfg.lookup)
     backend.reset()
     stats = GenerationStats(prompt_tokens=len(prompt))
     calls = TimedBackend(backend, stats)
@@ -335,6 +349,7 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
     token, _ = chooser.choose(logits)
     pos = len(prompt)  # position of `token`, the last emitted one, not yet in the caches
     context = list(prompt) + [token] if cfg.lookup else None  # what --lookup searches
+    in_run = False  # the last step was a lookup step whose drafts were all accepted
     done = out.emit([token])
     while not done:
         if pos >= backend.max_seq_len:
@@ -343,10 +358,13 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
         started = time.perf_counter()
         room = backend.max_seq_len - 1 - pos  # drafts must fit at positions pos+1 .. pos+d
         if cfg.self_speculative and room > 0:
-            looked_up = lookup_drafts(context, min(cfg.lookup, room), cfg.lookup_ngram) if cfg.lookup else []
+            k = run_k if in_run else cfg.lookup
+            looked_up = lookup_drafts(context, min(k, room), cfg.lookup_ngram) if cfg.lookup else []
             if looked_up:
                 kind, (accepted, new) = "lookup", lookup_step(calls, chooser, token, pos, looked_up)
+                in_run = accepted == len(looked_up)
             else:
+                in_run = False
                 kind, (accepted, new) = "exit", speculative_step(calls, chooser, token, pos,
                                                                   min(cfg.num_speculations, room))
             if context is not None:

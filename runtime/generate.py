@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from runtime.errors import UserError
-from runtime.decoding import DEFAULT_LOOKUP, GenerationConfig, GenerationResult, generate
+from runtime.decoding import DEFAULT_LOOKUP, LOOKUP_AFTER_RUN, GenerationConfig, GenerationResult, generate
 from runtime.loader import Opened, open_artifact, open_checkpoint
 from runtime.rss import peak_rss_mb
 
@@ -81,6 +81,10 @@ def parse_args(argv=None):
                         "construction on artifacts exported with --pad-drafts (.onnx) or --pte-attention "
                         f"row_invariant_drafts (.pte), as measured elsewhere (README); 0: off. Default: "
                         f"{DEFAULT_LOOKUP} on those artifacts, else off")
+    p.add_argument("--lookup-run", type=int, metavar="K",
+                   help="with --lookup: draft up to K tokens after a lookup step whose drafts were all accepted (a "
+                        f"repeating run). Default: {LOOKUP_AFTER_RUN['executorch']} on .pte artifacts (XNNPACK's calls "
+                        "grow slowly with rows), else the --lookup K")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
@@ -130,7 +134,8 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens, self_speculative=not args.ar, num_speculations=opened.num_speculations,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             eos_token_ids=tuple(opened.eos_token_ids), full_model_baseline=args.full_model,
-            draft_threshold=opened.draft_threshold, lookup=lookup_drafts_per_step(args.lookup, opened))
+            draft_threshold=opened.draft_threshold, lookup=lookup_drafts_per_step(args.lookup, opened),
+            lookup_run=args.lookup_run)
         if not args.json:
             sys.stdout.write(prompt)
         result, text = run_generation(opened, prompt, cfg, tuple(args.stop), None if args.json else sys.stdout)

@@ -80,6 +80,32 @@ def test_greedy_with_looked_up_drafts_equals_autoregressive(model, autoregressiv
     assert 0 < sum(s.step_time_s.values()) <= s.decode_time_s
 
 
+def test_after_a_fully_accepted_lookup_step_the_next_one_drafts_up_to_lookup_run(model, autoregressive_tokens,
+                                                                                    monkeypatch):
+    """A lookup step whose drafts were all accepted (a repeating run) lets the next one draft up to
+    lookup_run; a rejection or an exit step goes back to K. The backend's default: K itself on eager."""
+    asked = []
+
+    def propose(context, k, n):  # plain decoding's next k tokens, every third proposal wrong at its second
+        asked.append(k)
+        done = len(context) - len(PROMPT)
+        drafts = list(autoregressive_tokens[done:done + k])
+        if len(asked) % 3 == 0:
+            drafts[1] = (drafts[1] + 1) % 256
+        return drafts
+
+    monkeypatch.setattr(decoding, "lookup_drafts", propose)
+    result = generate(EagerBackend(model, 2, 256), PROMPT,
+                      GenerationConfig(max_new_tokens=100, lookup=3, lookup_run=7))
+    assert result.tokens == autoregressive_tokens[:100]
+    assert asked[:6] == [3, 7, 7, 3, 7, 7]  # the third and sixth proposals were rejected at their second draft
+    asked.clear()
+    generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=30, lookup=3))
+    assert set(asked) == {3} and "eager" not in decoding.LOOKUP_AFTER_RUN
+    with pytest.raises(UserError, match="use --lookup-run 255 or fewer"):
+        generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=4, lookup=3, lookup_run=256))
+
+
 def test_plain_decoding_counts_its_steps_as_plain(model):
     s = generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=20, self_speculative=False)).stats
     assert s.step_tokens == {"plain": 19} and set(s.step_time_s) == {"plain"}
@@ -208,7 +234,7 @@ def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
 
 def test_bad_generation_settings_are_user_errors():
     for bad in (dict(num_speculations=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0),
-                dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1), dict(lookup=-1),
+                dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1), dict(lookup=-1), dict(lookup_run=-1),
                 dict(lookup_ngram=0)):
         with pytest.raises(UserError):
             GenerationConfig(**bad)
