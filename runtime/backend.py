@@ -38,6 +38,19 @@ class Backend(Protocol):
         ...
 
 
+class DraftVerify(Protocol):
+    """Optional (has_draft_verify True): draft and verify of the same rows in one call, for a step whose
+    drafts were looked up in the context; each row with the bits of 1-token draft + verify calls."""
+
+    has_draft_verify: bool
+
+    def draft_verify(self, tokens: Sequence[int], pos: int) -> np.ndarray:
+        """Layers [0, L) on `tokens` at positions pos.. (writing their KV and exit-cache rows).
+
+        Returns the logits of every position: [count, vocab]."""
+        ...
+
+
 class FullModel(Protocol):
     """Optional: the whole model as one call, the baseline of plain autoregressive decoding."""
 

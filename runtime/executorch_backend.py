@@ -1,4 +1,5 @@
-"""The ExecuTorch backend: runs the draft / verify / forward (/ draft_verify) methods of a .pte through executorch.runtime.
+"""The ExecuTorch backend: runs the draft / verify / forward (and draft_verify) methods of a .pte through
+executorch.runtime.
 
 Logits leave it as numpy views of the method outputs (no copy), valid until the next call.
 """
@@ -49,7 +50,8 @@ class ExecuTorchBackend:
         # Methods are loaded when first called (XNNPACK packs each method's weights again); `preload`
         # (default: the self-speculative ones) up front, so that loading is not timed as decoding.
         self._loaded = {}
-        default = ("draft", "verify") + (("draft_greedy",) if fused else ()) + (("draft_verify",) if self.has_draft_verify else ())
+        default = ("draft", "verify") + (("draft_greedy",) if fused else ())
+        default += ("draft_verify",) if self.has_draft_verify else ()
         for name in preload if preload is not None else default:
             self._get(name)
         self.exit_cache = np.zeros((self.max_seq_len, manifest.shape.hidden_size), np.float32)  # layer-E hidden states

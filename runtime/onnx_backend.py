@@ -191,7 +191,8 @@ class OnnxBackend:
         self._last_logits = (1, c.vocab_size)  # the shape draft and forward write: the last row's logits
         # Sessions are created when first used (each holds its own weights), `preload` up front.
         self._sessions: dict[str, OnnxMethod] = {}
-        for name in preload if preload is not None else ("draft", "verify") + (("draft_verify",) if self.has_draft_verify else ()):
+        default = ("draft", "verify") + (("draft_verify",) if self.has_draft_verify else ())
+        for name in preload if preload is not None else default:
             self._get(name)
 
     def _get(self, name: str) -> OnnxMethod:
@@ -243,33 +244,30 @@ class OnnxBackend:
         """The rows a call of `count` rows reaches ONNX Runtime with when padded (module docstring)."""
         return max(2, count + count % self.verify_row_multiple)
 
+    def padded_tokens(self, tokens, pos) -> tuple[list, int]:
+        """(tokens, start) of a draft-like call of `tokens` at pos as it reaches ONNX Runtime (--pad-drafts,
+        module docstring): the token before added, or at position 0 a copy of the last one after."""
+        count = len(tokens)
+        self.token_ids[pos:pos + count] = tokens
+        if self.padded_rows(count) == count:
+            return tokens, pos
+        if pos > 0:
+            return [int(self.token_ids[pos - 1]), *tokens], pos - 1
+        return [*tokens, tokens[-1]], pos
+
     def draft(self, tokens, pos):
-        if self.pad_drafts:
-            count = len(tokens)
-            self.token_ids[pos:pos + count] = tokens
-            if self.padded_rows(count) > count:
-                if pos > 0:
-                    return self.draft_rows([int(self.token_ids[pos - 1]), *tokens], pos - 1)
-                return self.draft_rows([*tokens, tokens[-1]], pos)
-        return self.draft_rows(tokens, pos)
+        return self.draft_rows(*(self.padded_tokens(tokens, pos) if self.pad_drafts else (tokens, pos)))
 
     def draft_verify(self, tokens, pos):
         """draft and verify in one call (artifacts with that method), padded as a draft call is: logits [count, V]."""
-        count = len(tokens)
-        self.token_ids[pos:pos + count] = tokens
-        start, rows = pos, count
-        if self.padded_rows(count) > count:
-            if pos > 0:
-                start, rows, tokens = pos - 1, count + 1, [int(self.token_ids[pos - 1]), *tokens]
-            else:
-                rows, tokens = count + 1, [*tokens, tokens[-1]]
+        rows, start = self.padded_tokens(tokens, pos)
         m = self._get("draft_verify")
-        self._set_tokens(m, tokens, start)
-        m.bind_pointer("hidden", True, self.device, (1, rows, self.dim), self._exit_rows(start))
-        self._bind_logits(m, (1, rows, self.logits.shape[1]))
+        self._set_tokens(m, rows, start)
+        m.bind_pointer("hidden", True, self.device, (1, len(rows), self.dim), self._exit_rows(start))
+        self._bind_logits(m, (1, len(rows), self.logits.shape[1]))
         m.run()
         m.write_new_rows(self.caches, start)
-        return self.logits[pos - start:pos - start + count]
+        return self.logits[pos - start:pos - start + len(tokens)]
 
     def draft_rows(self, tokens, pos):
         """draft.onnx on the tokens as given (no padding): the last one's exit logits [V]."""

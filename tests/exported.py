@@ -61,42 +61,43 @@ def copy_artifact(directory: Path, tmp_path: Path, **manifest_changes) -> Path:
     return copy
 
 
-def drafts_together_and_alone(backend) -> tuple[np.ndarray, np.ndarray]:
-    """Exit-cache rows and verify logits of five tokens after the prompt: drafted in one call, and one by one."""
+def five_rows_each_way(backend, *ways) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exit-cache rows and logits of five tokens after the prompt, computed each way: way(tokens, pos) -> logits."""
     out = []
-    for together in (True, False):
+    for way in ways:
         backend.draft(PROMPT, 0)
         backend.verify(0, len(PROMPT))
         pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
-        if together:
-            backend.draft(tokens, pos)
-        else:
-            for k, token in enumerate(tokens):
-                backend.draft([token], pos + k)
-        exit_cache = backend.exit_cache.numpy() if hasattr(backend.exit_cache, "numpy") else backend.exit_cache
-        out.append((np.array(exit_cache[pos:pos + 5]), np.array(backend.verify(pos, 5))))
-    return out[0], out[1]
-
-
-def draft_verify_and_one_by_one(backend) -> tuple[np.ndarray, np.ndarray]:
-    """Exit-cache rows and logits of five tokens after the prompt: through one draft_verify call, and
-    through 1-token draft and verify calls (plain decoding)."""
-    out = []
-    for merged in (True, False):
-        backend.draft(PROMPT, 0)
-        backend.verify(0, len(PROMPT))
-        pos, tokens = len(PROMPT), [PROMPT[-1], 5, 6, 7, 8]
-        if merged:
-            logits = np.array(backend.draft_verify(tokens, pos))
-        else:
-            logits = []
-            for k, token in enumerate(tokens):
-                backend.draft([token], pos + k)
-                logits.append(np.array(backend.verify(pos + k, 1)[0]))
-            logits = np.stack(logits)
+        logits = np.array(way(tokens, pos))
         exit_cache = backend.exit_cache.numpy() if hasattr(backend.exit_cache, "numpy") else backend.exit_cache
         out.append((np.array(exit_cache[pos:pos + 5]), logits))
-    return out[0], out[1]
+    return out
+
+
+def drafts_together_and_alone(backend) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Drafted in one call, and one by one; then verified in one call."""
+    def alone(tokens, pos):
+        for k, token in enumerate(tokens):
+            backend.draft([token], pos + k)
+        return backend.verify(pos, len(tokens))
+
+    def together(tokens, pos):
+        backend.draft(tokens, pos)
+        return backend.verify(pos, len(tokens))
+
+    return five_rows_each_way(backend, together, alone)
+
+
+def draft_verify_and_one_by_one(backend) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Through one draft_verify call, and through 1-token draft and verify calls (plain decoding)."""
+    def one_by_one(tokens, pos):
+        logits = []
+        for k, token in enumerate(tokens):
+            backend.draft([token], pos + k)
+            logits.append(np.array(backend.verify(pos + k, 1)[0]))
+        return np.stack(logits)
+
+    return five_rows_each_way(backend, backend.draft_verify, one_by_one)
 
 
 def check_looked_up_drafts_keep_the_tokens(backend, monkeypatch, k: int = 4) -> None:

@@ -71,7 +71,8 @@ def test_greedy_with_looked_up_drafts_equals_autoregressive(model, autoregressiv
     assert 0 < s.lookup_steps < s.steps, "expected steps drafted by lookup and steps drafted by the exit"
     # a looked-up step puts its drafts through layers < E in one call (with the verify, one_call); an exit
     # step drafts in d + 1 calls
-    assert s.draft_calls == (0 if one_call else s.lookup_steps) + (d + 1) * (s.steps - s.lookup_steps) + 1  # + 1: the prompt
+    exit_steps = s.steps - s.lookup_steps
+    assert s.draft_calls == (0 if one_call else s.lookup_steps) + (d + 1) * exit_steps + 1  # + 1: the prompt
     assert s.verify_calls == s.steps + 1
     # every token a step emitted (the last step's may pass max_new_tokens) is counted under its kind of step
     assert set(s.step_tokens) == set(s.step_time_s) == {"lookup", "exit"}
@@ -234,7 +235,8 @@ def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
 
 def test_bad_generation_settings_are_user_errors():
     for bad in (dict(num_speculations=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0),
-                dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1), dict(lookup=-1), dict(lookup_run=-1),
+                dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1), dict(lookup=-1),
+                dict(lookup_run=-1),
                 dict(lookup_ngram=0)):
         with pytest.raises(UserError):
             GenerationConfig(**bad)
