@@ -73,6 +73,10 @@ def parse_args(argv=None) -> ExportConfig:
                         "default) give greedy output equal to plain decoding: --pte-attention row_invariant_drafts, "
                         "--pad-drafts. A checkpoint without layerskip.json (no LayerSkip training) also gets exit "
                         "layer L/4, --draft-threshold 0.99 and, above 16k tokens, --draft-vocab 256, unless given")
+    p.add_argument("--no-draft-verify", action="store_true",
+                   help="leave out draft_verify, the method that makes a looked-up step one call on artifacts exported "
+                        "for exact lookup (models up to 50M parameters): it holds a second copy of the weights in "
+                        "memory (the shipped ONNX int4 artifact without PyTorch: ~87 instead of ~81 MB)")
     p.add_argument("--jobs", type=int, metavar="N",
                    help=".pte: lower the methods in up to N processes at once (default: the cores this process may "
                         "use, e.g. under taskset, for models up to 300M parameters, else 1; 1: all in this process)")
@@ -82,7 +86,7 @@ def parse_args(argv=None) -> ExportConfig:
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
                         backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache, pte_attention=a.pte_attention,
                         draft_vocab=a.draft_vocab, draft_threshold=a.draft_threshold, jobs=a.jobs,
-                        pad_drafts=a.pad_drafts, for_lookup=a.for_lookup,
+                        pad_drafts=a.pad_drafts, for_lookup=a.for_lookup, draft_verify=not a.no_draft_verify,
                         methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))
 
 

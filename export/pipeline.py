@@ -78,6 +78,7 @@ class ExportConfig:
     jobs: Optional[int] = None  # processes lowering .pte methods at once; None: the cores this process may use
     pad_drafts: bool = False  # ONNX: draft calls padded as verify calls are, so --lookup is exact (runtime/onnx_backend.py)
     for_lookup: bool = False  # every target exported for exact --lookup; untrained checkpoints: FOR_LOOKUP_UNTRAINED
+    draft_verify: bool = True  # exact-lookup artifacts of small models get draft_verify (methods_for); False: never
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -139,9 +140,10 @@ class ExportConfig:
 
     def methods_for(self, target: str, config: ModelConfig) -> list[str]:
         """The methods of `target`'s artifact: --fused-draft's only on the .pte; draft_verify where it is
-        exported for exact lookup (runtime.generate looks drafts up by default there), for a small model."""
+        exported for exact lookup (runtime.generate looks drafts up by default there), for a small model,
+        unless --no-draft-verify."""
         methods = [m for m in self.methods if target != "onnx" or m != FUSED_DRAFT_METHOD]
-        if (exact_for_lookup(target, self.pad_drafts, self.onnx_kv_cache, self.pte_attention)
+        if (self.draft_verify and exact_for_lookup(target, self.pad_drafts, self.onnx_kv_cache, self.pte_attention)
                 and config.num_parameters() <= LOOKUP_METHOD_MAX_PARAMETERS and LOOKUP_METHOD not in methods):
             methods.append(LOOKUP_METHOD)
         return methods

@@ -424,6 +424,23 @@ def test_the_one_call_lookup_method_is_for_small_models_exported_for_exact_looku
     assert padded_only.methods_for("onnx", small)[-1] == "draft_verify"
     assert "draft_verify" not in padded_only.methods_for("pte", small)
     assert "draft_verify" not in ExportConfig(backend="all").methods_for("onnx", small)
+    opted_out = ExportConfig(backend="all", for_lookup=True, draft_verify=False)
+    assert "draft_verify" not in opted_out.methods_for("onnx", small)
+
+
+def test_no_draft_verify_leaves_the_one_call_lookup_method_out(tiny_checkpoint, tmp_path):
+    """export.py --for-lookup --no-draft-verify: an exact-lookup artifact with one copy of the weights per session."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["--model", str(tiny_checkpoint), "--backend", "onnx", "--for-lookup", "--no-draft-verify",
+            "--out", str(tmp_path), "--max-seq-len", "128", "--max-tokens-per-call", "16"]
+    proc = subprocess.run([sys.executable, "export.py", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["methods"] == ["draft", "verify", "forward"] and manifest["extra"]["pad_drafts"]
+    assert not (tmp_path / "onnx" / "draft_verify.onnx").exists()
 
 
 @pytest.mark.parametrize("group_size", [0, 48, 512])
