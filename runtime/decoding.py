@@ -16,8 +16,8 @@ repeated) are the drafts, put through layers [0, E) in one call of k+1 rows (t a
 call each, and verified as above, or through all layers in one call where the artifact has draft_verify (with
 sampling, as drafts drawn from a one-hot distribution, so the acceptance rule still samples the model's
 distribution). After a lookup step whose drafts were all accepted, the next one may draft more
-(lookup_run, LOOKUP_AFTER_RUN). Steps without such an occurrence draft from the exit. The multi-row prefix call computes
-rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
+(lookup_run, LOOKUP_AFTER_RUN). Steps without such an occurrence draft from the exit. The multi-row prefix
+call computes rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
 backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
 with --pad-drafts (runtime/onnx_backend.py) and .pte artifacts exported with --pte-attention
 row_invariant_drafts (export/to_pte.py), as measured elsewhere (README).
