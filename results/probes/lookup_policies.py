@@ -1,7 +1,10 @@
 """Probe: self-speculation with lookup under several (K, K after a fully accepted lookup step) policies on one
-artifact, alternated, with each kind of step's cost per token (GenerationStats.step_tokens / step_time_s).
+artifact, alternated, with each kind of step's cost per token (runtime.measure.run_pass: steps_by_kind).
 
     taskset -c 0 python results/probes/lookup_policies.py ART [--prompts 30] [--policies 5:5 5:12] [--rounds 2]
+
+(results/probe_lookup_policies_shipped_{pte,onnx}.txt came from its first version, which printed each kind's
+token count instead of its share.)
 """
 import argparse
 import sys
@@ -10,8 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from models.data import prompt_set  # noqa: E402
 from runtime.bench import encode_prompts  # noqa: E402
-from runtime.decoding import GenerationConfig, generate  # noqa: E402
+from runtime.decoding import GenerationConfig  # noqa: E402
 from runtime.loader import open_artifact  # noqa: E402
+from runtime.measure import run_pass  # noqa: E402
 
 
 def main() -> None:
@@ -28,17 +32,11 @@ def main() -> None:
     for r in range(a.rounds):
         for policy in a.policies:
             k, run = (int(x) for x in policy.split(":"))
-            tokens = seconds = 0.0
-            kinds: dict = {}
-            for ids in prompts:
-                s = generate(opened.backend, ids, GenerationConfig(**base, lookup=k, lookup_run=run)).stats
-                tokens += s.generated_tokens - 1
-                seconds += s.decode_time_s
-                for kind, n in s.step_tokens.items():
-                    t, sec = kinds.get(kind, (0, 0.0))
-                    kinds[kind] = (t + n, sec + s.step_time_s[kind])
-            per_kind = ", ".join(f"{kind} {1e6 * sec / n:.1f} us/token ({n} tokens)" for kind, (n, sec) in kinds.items())
-            print(f"round {r + 1} K {k} after a full accept {run}: {tokens / seconds:.0f} tok/s; {per_kind}", flush=True)
+            result = run_pass(opened.backend, prompts, GenerationConfig(**base, lookup=k, lookup_run=run))
+            per_kind = ", ".join(f"{kind} {c['us_per_token']:.1f} us/token ({c['token_share']:.0%} of tokens)"
+                                 for kind, c in result.steps_by_kind.items())
+            print(f"round {r + 1} K {k} after a full accept {run}: {result.decode_tokens_per_s:.0f} tok/s; {per_kind}",
+                  flush=True)
 
 
 if __name__ == "__main__":
