@@ -34,6 +34,10 @@ class LayerSkipRecipe:
     # copying circuit) to layers <= E; where the circuit lands also depends on the seed (model cards).
     focus_exit: int = 0
     focus_weight: float = 1.0
+    # Self-distillation (not in the paper): an early exit's loss is (1 - a) x its cross-entropy on the
+    # next token + a x KL(last layer's distribution, detached || the exit's). What acceptance counts is
+    # agreement with the last layer, not with the data; a = 0 is the paper's loss.
+    exit_distill: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.dropout_max < 1.0:
@@ -48,6 +52,8 @@ class LayerSkipRecipe:
             raise UserError(f"--early-exit-scale {self.early_exit_scale} must be >= 0.")
         if self.focus_exit < 0 or self.focus_weight < 0:
             raise UserError("--focus-exit and --focus-weight must be >= 0.")
+        if not 0.0 <= self.exit_distill <= 1.0:
+            raise UserError(f"--exit-distill {self.exit_distill} is out of range; pass a weight in [0, 1].")
 
     @classmethod
     def off(cls) -> "LayerSkipRecipe":
@@ -95,9 +101,10 @@ class LayerSkipLoss(nn.Module):
     A module (not a function) so that DistributedDataParallel can wrap it.
     """
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, distill: float = 0.0):
         super().__init__()
         self.model = model
+        self.distill = distill  # LayerSkipRecipe.exit_distill
 
     def forward(self, tokens, targets, keep, exit_layers: list[int], weights: list[float]):
         """tokens, targets: [B, T]; keep: [L, B] bool (False = skip layer l for sample b).
@@ -107,14 +114,26 @@ class LayerSkipLoss(nn.Module):
         model = self.model
         h = model.embed_tokens(tokens)  # [B, T, dim]
         cos, sin = model.rope(torch.arange(tokens.shape[1], device=tokens.device))
-        losses = {}
+        losses, exit_logits = {}, {}
+        last = len(model.layers) - 1
         for l, layer in enumerate(model.layers):
             h = skip_or_run(layer, h, keep[l], cos, sin)
             if l in exit_layers:
-                logits = model.exit_logits(h)
-                losses[l] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        total = sum(w * losses[l] for l, w in zip(exit_layers, weights))
+                logits = model.exit_logits(h).flatten(0, 1).float()  # [B*T, vocab]
+                losses[l] = F.cross_entropy(logits, targets.flatten())
+                if self.distill:
+                    exit_logits[l] = logits
+        total = sum(w * self.exit_loss(l, losses[l], exit_logits, last) for l, w in zip(exit_layers, weights))
         return total, {l: v.detach() for l, v in losses.items()}
+
+    def exit_loss(self, layer: int, cross_entropy, exit_logits: dict, last: int):
+        """The loss layer `layer` trains on: its cross-entropy, mixed with the KL to the last layer."""
+        a = self.distill
+        if layer == last or a == 0.0:
+            return cross_entropy
+        target = F.log_softmax(exit_logits[last].detach(), dim=-1)
+        kl = F.kl_div(F.log_softmax(exit_logits[layer], dim=-1), target, log_target=True, reduction="batchmean")
+        return (1.0 - a) * cross_entropy + a * kl
 
 
 def skip_or_run(layer: nn.Module, h: torch.Tensor, keep: torch.Tensor, cos, sin) -> torch.Tensor:

@@ -197,7 +197,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
         raise UserError(f"the corpus has only {len(train_ids)} tokens, fewer than --seq-len {cfg.seq_len}; "
                         f"add files or lower --seq-len.")
     model.to(cfg.device)
-    loss_module = LayerSkipLoss(model)
+    loss_module = LayerSkipLoss(model, cfg.recipe.exit_distill)
     if world > 1:
         # Layer dropout can skip a layer for every local sample, leaving its parameters without a gradient.
         loss_module = DistributedDataParallel(loss_module, find_unused_parameters=True)
@@ -452,12 +452,14 @@ def parse_args(argv=None) -> TrainConfig:
                    help="the exit layer E you will deploy: its loss in every step (0: none)")
     g.add_argument("--focus-weight", type=float, default=r.focus_weight,
                    help="the focus exit's loss weight relative to the last layer's")
+    g.add_argument("--exit-distill", type=float, default=r.exit_distill,
+                   help="weight of the KL to the last layer's distribution in early exits' losses (0: the paper's)")
     g.add_argument("--no-layerskip", action="store_true", help="ablation: no layer dropout, no early-exit loss")
     a = p.parse_args(argv)
     recipe = LayerSkipRecipe.off() if a.no_layerskip else LayerSkipRecipe(
         dropout_max=a.layer_dropout, dropout_scale=a.dropout_scale, curriculum=a.curriculum,
         rotation_interval=a.rotation_interval, early_exit_scale=a.early_exit_scale,
-        focus_exit=a.focus_exit, focus_weight=a.focus_weight)
+        focus_exit=a.focus_exit, focus_weight=a.focus_weight, exit_distill=a.exit_distill)
     return TrainConfig(
         out=a.out, steps=a.steps, init_from=a.init_from, vocab_size=a.vocab_size, hidden_size=a.dim,
         num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,

@@ -12,8 +12,9 @@ import torch
 
 from models import train as train_module
 from runtime.errors import UserError
-from models.layerskip import LayerSkipRecipe, skip_or_run
-from models.model import DecoderLayer
+from models.config import ModelConfig
+from models.layerskip import LayerSkipLoss, LayerSkipRecipe, skip_or_run
+from models.model import DecoderLayer, Transformer
 from models.train import TrainConfig, parse_args, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,34 @@ def test_focus_exit_carries_a_loss_every_step_at_its_own_weight():
     assert half[0] / half[1] == pytest.approx(0.5)
 
 
+def test_exit_distill_mixes_the_exit_cross_entropy_with_the_kl_to_the_last_layer():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    tokens, targets = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    keep = torch.ones(3, 2, dtype=torch.bool)
+    plain, per_layer = LayerSkipLoss(model, 0.0)(tokens, targets, keep, [0, 2], [1.0, 0.0])
+    assert float(plain) == pytest.approx(float(per_layer[0]))  # a = 0: the paper's cross-entropy
+    pure, _ = LayerSkipLoss(model, 1.0)(tokens, targets, keep, [0, 2], [1.0, 0.0])
+    with torch.no_grad():  # a = 1: KL(last || exit), by hand
+        h = model.embed_tokens(tokens)
+        cos, sin = model.rope(torch.arange(8))
+        exits = []
+        for layer in model.layers:
+            h = layer(h, cos, sin, None)
+            exits.append(torch.log_softmax(model.exit_logits(h).float(), -1))
+        kl = (exits[2].exp() * (exits[2] - exits[0])).sum(-1).mean()
+    assert float(pure) == pytest.approx(float(kl), rel=1e-4)
+    mixed, _ = LayerSkipLoss(model, 0.25)(tokens, targets, keep, [0, 2], [0.5, 0.5])
+    expected = 0.5 * (0.75 * float(per_layer[0]) + 0.25 * float(kl)) + 0.5 * float(per_layer[2])
+    assert float(mixed) == pytest.approx(expected, rel=1e-4)  # the last layer keeps its cross-entropy
+    pure.backward()  # the last layer's distribution is a target: no gradient reaches the layer after the exit
+    assert all(p.grad is None or not p.grad.any() for p in model.layers[1].parameters())
+
+
 @pytest.mark.parametrize("bad", [dict(dropout_max=1.0), dict(dropout_max=-0.1), dict(curriculum="sideways"),
                                  dict(dropout_scale="cubic"), dict(rotation_interval=0), dict(focus_exit=-1),
-                                 dict(focus_weight=-1.0)])
+                                 dict(focus_weight=-1.0), dict(exit_distill=1.5), dict(exit_distill=-0.1)])
 def test_recipe_settings_out_of_range(bad):
     with pytest.raises(UserError):
         LayerSkipRecipe(**bad)
