@@ -155,6 +155,30 @@ def fuse_norms(proto: onnx.ModelProto) -> onnx.ModelProto:
     return model.model
 
 
+def split_exit_norm(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """In place, for a graph that outputs `hidden` and runs on past it (draft_verify): the residual Add that
+    makes `hidden` and layer E's input norm as two nodes, Add + SimplifiedLayerNormalization, the ops that
+    draft (ends at the Add) and verify (starts at the norm) run there, rather than one fused
+    SkipSimplifiedLayerNormalization, which rounds the norm differently in some rows (models/deep16 int4:
+    one logit 3.8e-6 apart, which flipped a near-tie in 1 of 30 prompts). Then a draft_verify row has the
+    bits of draft + verify, as exact lookup needs."""
+    from onnx import helper
+
+    g = proto.graph
+    for i, node in enumerate(g.node):
+        if node.op_type == "SkipSimplifiedLayerNormalization" and node.output[3:4] == ["hidden"]:
+            assert len(node.input) == 3 and not any(node.output[1:3]), "a skip norm with bias or statistics"
+            epsilon = next(a.f for a in node.attribute if a.name == "epsilon")
+            add = helper.make_node("Add", node.input[:2], ["hidden"], name=f"{node.name}_add")
+            norm = helper.make_node("SimplifiedLayerNormalization", ["hidden", node.input[2]], node.output[:1],
+                                    name=f"{node.name}_norm", epsilon=epsilon, axis=-1, stash_type=1)
+            g.node.remove(node)
+            g.node.insert(i, norm)
+            g.node.insert(i, add)
+            break
+    return proto
+
+
 def cut_methods(combined: onnx.ModelProto, methods: list[str], exit_layer: int, max_seq_len: int, kind: str,
                 num_layers: int) -> dict[str, onnx.ModelProto]:
     """Each method's graph out of the `all` graph (the last one takes the original); norms fused per graph
@@ -167,7 +191,7 @@ def cut_methods(combined: onnx.ModelProto, methods: list[str], exit_layer: int, 
         proto = cut(proto, *method_io(name, exit_layer, num_layers))
         proto.graph.name = name
         if kind == "gqa":
-            proto = fuse_norms(proto)
+            proto = split_exit_norm(fuse_norms(proto))
         proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=str(v)) for k, v in {
             "layerskip.method": name, "layerskip.exit_layer": exit_layer, "layerskip.max_seq_len": max_seq_len,
             "layerskip.kv_cache": kind}.items())
