@@ -37,12 +37,12 @@ from runtime.backend import Backend, has_full_model
 
 
 # K of --lookup where it is on by default (artifacts exact for it): K = 5 decoded at least as fast as
-# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Two sessions ago").
+# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Three sessions ago").
 DEFAULT_LOOKUP = 5
 # K after a lookup step whose drafts were all accepted (a repeating run), by backend; elsewhere K itself.
 # XNNPACK's multi-row calls grow slowly with rows, ONNX Runtime's int4 ones do not: measured 5 -> 12 after a
 # full accept, shipped model exact .pte 5811 -> 5976 and 5413 -> 5937 tok/s, SmolLM2 .pte 402 -> 424; ONNX
-# 5375 -> 4982 and 5429 -> 5081 (shipped), SmolLM2 323 -> 322 (README, "Latest").
+# 5375 -> 4982 and 5429 -> 5081 (shipped), SmolLM2 323 -> 322 (README, "Previous session").
 LOOKUP_AFTER_RUN = {"executorch": 12}
 
 
