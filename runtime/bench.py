@@ -502,7 +502,8 @@ def lookup_table(runs: list[dict]) -> list[str]:
                  "artifacts exported with --pad-drafts (.onnx) or --pte-attention row_invariant_drafts (.pte), "
                  "as measured otherwise):", "",
              "| artifact | self-spec tok/s | with lookup tok/s | speedup | vs fastest plain | steps drafted by lookup "
-             "| acceptance | tokens/step | us/token: lookup steps / exit steps / full-call plain (share of tokens) "
+             "| acceptance | tokens/step | us/token: lookup steps / after a 1-token match / exit steps / full-call plain "
+             "(share of tokens) "
              "| identical to plain (draft + verify) | to the full-model call |",
              "|" + "---|" * 11]
     for r in runs:
@@ -519,10 +520,11 @@ def lookup_table(runs: list[dict]) -> list[str]:
 
 
 def step_costs(lookup: dict, modes: dict) -> str:
-    """'165 (81%) / 324 (19%) / 240': the cost per token of each kind of step, against plain decoding's."""
+    """'148 (81%) / 252 (9%) / 337 (10%) / 222': the cost per token of each kind of step (decoding.generate:
+    lookup, lookup_1, exit), against plain decoding's."""
     kinds = lookup.get("steps_by_kind", {})
     parts = [f"{kinds[k]['us_per_token']:.0f} ({kinds[k]['token_share']:.0%})" if k in kinds else "-"
-             for k in ("lookup", "exit")]
+             for k in ("lookup", "lookup_1", "exit")]
     full = modes.get("ar_full", {}).get("decode_tokens_per_s")
     return " / ".join(parts + [f"{1e6 / full:.0f}" if full else "-"])
 

@@ -16,7 +16,8 @@ repeated) are the drafts, put through layers [0, E) in one call of k+1 rows (t a
 call each, and verified as above, or through all layers in one call where the artifact has draft_verify (with
 sampling, as drafts drawn from a one-hot distribution, so the acceptance rule still samples the model's
 distribution). After a lookup step whose drafts were all accepted, the next one may draft more
-(lookup_run, LOOKUP_AFTER_RUN). Steps without such an occurrence draft from the exit. The multi-row prefix
+(lookup_run, LOOKUP_AFTER_RUN). A step without such an occurrence looks up its last token alone (lookup_fallback,
+default_lookup_fallback); steps without either draft from the exit. The multi-row prefix
 call computes rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
 backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
 with --pad-drafts (runtime/onnx_backend.py) and .pte artifacts exported with --pte-attention
@@ -46,6 +47,17 @@ DEFAULT_LOOKUP = 5
 LOOKUP_AFTER_RUN = {"executorch": 12}
 
 
+def default_lookup_fallback(backend) -> int:
+    """K of a step whose last 2 tokens have no earlier occurrence but its last token has (drafts after a 1-token
+    match, right about half the time), where --lookup-fallback is not given. Measured against exit drafts
+    there (README, "Latest"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the shipped
+    model, deep16 and SmolLM2-135M); XNNPACK 5 where a lookup step is one call (draft_verify: +5% shipped,
+    +-0 deep16; as two calls, SmolLM2, -4%); elsewhere 0 (exit drafts)."""
+    if backend.name.startswith("onnxruntime"):
+        return 1
+    return 5 if backend.name == "executorch" and getattr(backend, "has_draft_verify", False) else 0
+
+
 def check_draft_threshold(tau: float) -> float:
     if not 0.0 <= tau < 1.0:
         raise UserError(f"--draft-threshold {tau} must be in [0, 1) (0: always draft d tokens).")
@@ -68,6 +80,7 @@ class GenerationConfig:
     lookup: int = 0  # K: drafts looked up in the context, at most K per step (0: off; module docstring)
     lookup_ngram: int = 2  # tokens matched by the lookup (1 proposes too often; 2 and 3 measured alike, README)
     lookup_run: Optional[int] = None  # K after a lookup step whose drafts were all accepted; None: LOOKUP_AFTER_RUN
+    lookup_fallback: Optional[int] = None  # K after a 1-token match where 2 have none; None: default_lookup_fallback
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -85,6 +98,9 @@ class GenerationConfig:
             raise UserError(f"--lookup {self.lookup} must be >= 0 (0 is off; K: the most drafts looked up per step).")
         if self.lookup_run is not None and self.lookup_run < 0:
             raise UserError(f"--lookup-run {self.lookup_run} must be >= 0 (0: K throughout).")
+        if self.lookup_fallback is not None and self.lookup_fallback < 0:
+            raise UserError(f"--lookup-fallback {self.lookup_fallback} must be >= 0 (0: exit drafts where 2 tokens "
+                            f"have no earlier occurrence).")
         if self.lookup_ngram < 1:
             raise UserError(f"lookup_ngram {self.lookup_ngram} must be >= 1 (tokens matched).")
 
@@ -106,7 +122,8 @@ class GenerationStats:
     lookup_steps: int = 0  # steps whose drafts were looked up in the context (--lookup)
     steps: int = 0
     tokens_per_step: dict = field(default_factory=dict)  # histogram {tokens emitted in a step: steps}
-    # by step kind ("lookup": drafts from the context, "exit": drafts from the early exit, "plain": one token):
+    # by step kind ("lookup": drafts from the context, "lookup_1": after a 1-token match (lookup_fallback),
+    # "exit": drafts from the early exit, "plain": one token):
     # tokens emitted and seconds spent, calls and the Python between them included
     step_tokens: dict = field(default_factory=dict)
     step_time_s: dict = field(default_factory=dict)
@@ -333,13 +350,15 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
     if cfg.full_model_baseline and not has_full_model(backend):
         raise UserError(f"the {backend.name} backend has no full-model method; drop --full-model.")
     most = backend.max_tokens_per_call - 1
-    for flag, k in (("--lookup", cfg.lookup), ("--lookup-run", cfg.lookup_run or 0)):
+    for flag, k in (("--lookup", cfg.lookup), ("--lookup-run", cfg.lookup_run or 0),
+                    ("--lookup-fallback", cfg.lookup_fallback or 0)):
         if k > most:
             raise UserError(f"{flag} {k} drafts need {k + 1} rows in one call, but this artifact takes at most "
                             f"{most + 1}; use {flag} {most} or fewer.")
     # K after a lookup step whose drafts were all accepted (a backend's default is cut to what fits)
     run_k = min(LOOKUP_AFTER_RUN.get(backend.name, 0), most) if cfg.lookup_run is None else cfg.lookup_run
     run_k = max(run_k, cfg.lookup)
+    fallback_k = min(default_lookup_fallback(backend), most) if cfg.lookup_fallback is None else cfg.lookup_fallback
     backend.reset()
     stats = GenerationStats(prompt_tokens=len(prompt))
     calls = TimedBackend(backend, stats)
@@ -360,8 +379,11 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
         if cfg.self_speculative and room > 0:
             k = run_k if in_run else cfg.lookup
             looked_up = lookup_drafts(context, min(k, room), cfg.lookup_ngram) if cfg.lookup else []
+            kind = "lookup"
+            if not looked_up and cfg.lookup and fallback_k and cfg.lookup_ngram > 1:
+                looked_up, kind = lookup_drafts(context, min(fallback_k, room), 1), "lookup_1"
             if looked_up:
-                kind, (accepted, new) = "lookup", lookup_step(calls, chooser, token, pos, looked_up)
+                accepted, new = lookup_step(calls, chooser, token, pos, looked_up)
                 in_run = accepted == len(looked_up)
             else:
                 in_run = False

@@ -38,7 +38,7 @@ class Pass:
     verify_ms_per_call: float
     tokens: list  # per prompt, for the exactness check
     lookup_step_fraction: float = 0.0  # steps drafted by lookup in the context (--lookup)
-    steps_by_kind: dict = field(default_factory=dict)  # {lookup|exit|plain: {token_share, us_per_token}}
+    steps_by_kind: dict = field(default_factory=dict)  # {lookup|lookup_1|exit|plain: {token_share, us_per_token}}
 
 
 def run_pass(backend, prompts: list[list[int]], cfg: GenerationConfig) -> Pass:

@@ -107,6 +107,54 @@ def test_after_a_fully_accepted_lookup_step_the_next_one_drafts_up_to_lookup_run
         generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=4, lookup=3, lookup_run=256))
 
 
+def test_a_step_without_a_2_token_match_drafts_after_a_1_token_match(model, autoregressive_tokens, monkeypatch):
+    """lookup_fallback K: where the last 2 tokens never occurred before but the last one did, the step drafts
+    up to K tokens that followed it (kind "lookup_1", one call); steps with neither draft from the exit. Greedy
+    output stays plain decoding's. The backend's default: 0 on eager."""
+    asked = []
+    real = decoding.lookup_drafts
+
+    def recorded(context, k, n):
+        drafts = real(context, k, n)
+        asked.append((n, k, bool(drafts)))
+        return drafts
+
+    monkeypatch.setattr(decoding, "lookup_drafts", recorded)
+    backend = EagerBackend(model, 2, 256)
+    backend.has_draft_verify = True
+    result = generate(backend, PROMPT, GenerationConfig(max_new_tokens=150, num_speculations=3, lookup=4,
+                                                        lookup_fallback=2))
+    assert result.tokens == autoregressive_tokens
+    s = result.stats
+    assert set(s.step_tokens) == {"lookup", "lookup_1", "exit"}
+    # a 1-token lookup (of K = 2) follows exactly the 2-token lookups that found nothing
+    misses = [i for i, (n, _, found) in enumerate(asked) if n == 2 and not found]
+    assert misses and all(asked[i + 1][:2] == (1, 2) for i in misses)
+    fallback_found = sum(found for n, _, found in asked if n == 1)
+    assert s.lookup_steps == sum(found for _, _, found in asked)  # both kinds are lookup steps, one call each
+    exit_steps = s.steps - s.lookup_steps
+    assert 0 < fallback_found and exit_steps == len(misses) - fallback_found
+    assert s.draft_calls == 4 * exit_steps + 1 and s.verify_calls == s.steps + 1  # + 1: the prompt
+    asked.clear()
+    off = generate(backend, PROMPT, GenerationConfig(max_new_tokens=150, num_speculations=3, lookup=4))
+    assert off.tokens == autoregressive_tokens and "lookup_1" not in off.stats.step_tokens
+    assert all(n == 2 for n, _, _ in asked) and decoding.default_lookup_fallback(backend) == 0
+    with pytest.raises(UserError, match="use --lookup-fallback 255 or fewer"):
+        generate(backend, PROMPT, GenerationConfig(max_new_tokens=4, lookup=3, lookup_fallback=256))
+
+
+def test_the_fallback_s_default_k_follows_the_backend_and_its_one_call_lookup_steps():
+    class Named:
+        def __init__(self, name, one_call):
+            self.name, self.has_draft_verify = name, one_call
+
+    defaults = {(name, one_call): decoding.default_lookup_fallback(Named(name, one_call))
+                for name in ("onnxruntime-cpu", "onnxruntime-cuda", "executorch", "eager") for one_call in (True, False)}
+    assert defaults == {("onnxruntime-cpu", True): 1, ("onnxruntime-cpu", False): 1, ("onnxruntime-cuda", True): 1,
+                        ("onnxruntime-cuda", False): 1, ("executorch", True): 5, ("executorch", False): 0,
+                        ("eager", True): 0, ("eager", False): 0}
+
+
 def test_plain_decoding_counts_its_steps_as_plain(model):
     s = generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=20, self_speculative=False)).stats
     assert s.step_tokens == {"plain": 19} and set(s.step_time_s) == {"plain"}
@@ -236,7 +284,7 @@ def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
 def test_bad_generation_settings_are_user_errors():
     for bad in (dict(num_speculations=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0),
                 dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1), dict(lookup=-1),
-                dict(lookup_run=-1),
+                dict(lookup_run=-1), dict(lookup_fallback=-1),
                 dict(lookup_ngram=0)):
         with pytest.raises(UserError):
             GenerationConfig(**bad)
