@@ -15,8 +15,8 @@ of its last n tokens (lookup_ngram, 2); the K tokens that followed it (a run tha
 repeated) are the drafts, put through layers [0, E) in one call of k+1 rows (t and the drafts) instead of one
 call each, and verified as above, or through all layers in one call where the artifact has draft_verify (with
 sampling, as drafts drawn from a one-hot distribution, so the acceptance rule still samples the model's
-distribution). After a lookup step whose drafts were all accepted, the next one may draft more
-(lookup_run, LOOKUP_AFTER_RUN). A step without such an occurrence looks up its last token alone (lookup_fallback,
+distribution). Where the match reaches back further (a repeating run), a step may draft more
+(lookup_run, LOOKUP_RUN, RUN_MATCH). A step without such an occurrence looks up its last token alone (lookup_fallback,
 default_lookup_fallback); steps without either draft from the exit. The multi-row prefix
 call computes rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
 backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
@@ -38,13 +38,15 @@ from runtime.backend import Backend, has_full_model
 
 
 # K of --lookup where it is on by default (artifacts exact for it): K = 5 decoded at least as fast as
-# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Three sessions ago").
+# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Four sessions ago").
 DEFAULT_LOOKUP = 5
-# K after a lookup step whose drafts were all accepted (a repeating run), by backend; elsewhere K itself.
-# XNNPACK's multi-row calls grow slowly with rows, ONNX Runtime's int4 ones do not: measured 5 -> 12 after a
-# full accept, shipped model exact .pte 5811 -> 5976 and 5413 -> 5937 tok/s, SmolLM2 .pte 402 -> 424; ONNX
-# 5375 -> 4982 and 5429 -> 5081 (shipped), SmolLM2 323 -> 322 (README, "Previous session").
-LOOKUP_AFTER_RUN = {"executorch": 12}
+# A lookup whose match reaches back RUN_MATCH tokens or more (the context repeats a longer stretch, a run)
+# drafts up to LOOKUP_RUN's K, by backend; elsewhere K itself. XNNPACK's multi-row calls grow slowly with rows:
+# shipped model, exact .pte, +4% over the previous rule (12 after a lookup step whose drafts were all accepted)
+# in 4 of 4 paired rounds, deep16 +2%, SmolLM2-135M +-0. ONNX Runtime's int4 calls grow by ~85 us a row: K 13
+# at a match of 8 cost 2% there (README, "Latest").
+LOOKUP_RUN = {"executorch": 12}
+RUN_MATCH = 8
 
 
 def default_lookup_fallback(backend) -> int:
@@ -79,7 +81,8 @@ class GenerationConfig:
     draft_threshold: float = 0.0  # tau: stop drafting when the exit's top-1 probability falls below it (0: off)
     lookup: int = 0  # K: drafts looked up in the context, at most K per step (0: off; module docstring)
     lookup_ngram: int = 2  # tokens matched by the lookup (1 proposes too often; 2 and 3 measured alike, README)
-    lookup_run: Optional[int] = None  # K after a lookup step whose drafts were all accepted; None: LOOKUP_AFTER_RUN
+    lookup_run: Optional[int] = None  # K where the match reaches back lookup_run_match tokens; None: LOOKUP_RUN
+    lookup_run_match: int = RUN_MATCH  # matched tokens that make a run
     lookup_fallback: Optional[int] = None  # K after a 1-token match where 2 have none; None: default_lookup_fallback
 
     def __post_init__(self):
@@ -98,6 +101,8 @@ class GenerationConfig:
             raise UserError(f"--lookup {self.lookup} must be >= 0 (0 is off; K: the most drafts looked up per step).")
         if self.lookup_run is not None and self.lookup_run < 0:
             raise UserError(f"--lookup-run {self.lookup_run} must be >= 0 (0: K throughout).")
+        if self.lookup_run_match < 1:
+            raise UserError(f"lookup_run_match {self.lookup_run_match} must be >= 1 (matched tokens).")
         if self.lookup_fallback is not None and self.lookup_fallback < 0:
             raise UserError(f"--lookup-fallback {self.lookup_fallback} must be >= 0 (0: exit drafts where 2 tokens "
                             f"have no earlier occurrence).")
@@ -355,8 +360,8 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
         if k > most:
             raise UserError(f"{flag} {k} drafts need {k + 1} rows in one call, but this artifact takes at most "
                             f"{most + 1}; use {flag} {most} or fewer.")
-    # K after a lookup step whose drafts were all accepted (a backend's default is cut to what fits)
-    run_k = min(LOOKUP_AFTER_RUN.get(backend.name, 0), most) if cfg.lookup_run is None else cfg.lookup_run
+    # K where the match reaches back lookup_run_match tokens (a backend's default is cut to what fits)
+    run_k = min(LOOKUP_RUN.get(backend.name, 0), most) if cfg.lookup_run is None else cfg.lookup_run
     run_k = max(run_k, cfg.lookup)
     fallback_k = min(default_lookup_fallback(backend), most) if cfg.lookup_fallback is None else cfg.lookup_fallback
     backend.reset()
@@ -368,7 +373,6 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
     token, _ = chooser.choose(logits)
     pos = len(prompt)  # position of `token`, the last emitted one, not yet in the caches
     context = list(prompt) + [token] if cfg.lookup else None  # what --lookup searches
-    in_run = False  # the last step was a lookup step whose drafts were all accepted
     done = out.emit([token])
     while not done:
         if pos >= backend.max_seq_len:
@@ -377,16 +381,14 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
         started = time.perf_counter()
         room = backend.max_seq_len - 1 - pos  # drafts must fit at positions pos+1 .. pos+d
         if cfg.self_speculative and room > 0:
-            k = run_k if in_run else cfg.lookup
-            looked_up = lookup_drafts(context, min(k, room), cfg.lookup_ngram) if cfg.lookup else []
+            looked_up = lookup_drafts(context, min(cfg.lookup, room), cfg.lookup_ngram, min(run_k, room),
+                                      cfg.lookup_run_match) if cfg.lookup else []
             kind = "lookup"
             if not looked_up and cfg.lookup and fallback_k and cfg.lookup_ngram > 1:
                 looked_up, kind = lookup_drafts(context, min(fallback_k, room), 1), "lookup_1"
             if looked_up:
                 accepted, new = lookup_step(calls, chooser, token, pos, looked_up)
-                in_run = accepted == len(looked_up)
             else:
-                in_run = False
                 kind, (accepted, new) = "exit", speculative_step(calls, chooser, token, pos,
                                                                   min(cfg.num_speculations, room))
             if context is not None:
@@ -427,8 +429,9 @@ def speculative_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos
     return accepted, new
 
 
-def lookup_drafts(context: list[int], k: int, n: int) -> list[int]:
-    """k tokens that followed the latest earlier occurrence of the context's last n tokens ([] if none).
+def lookup_drafts(context: list[int], k: int, n: int, run_k: int = 0, run_match: int = 0) -> list[int]:
+    """k tokens that followed the latest earlier occurrence of the context's last n tokens ([] if none); run_k
+    where that occurrence matches the last run_match tokens or more (a longer stretch repeating).
 
     Where fewer than k follow it (the occurrence overlaps the tail: a repeating run), the copy goes on
     over what it copied, as in LZ77, so a run of period p continues with period p: shipped model, 30
@@ -436,8 +439,12 @@ def lookup_drafts(context: list[int], k: int, n: int) -> list[int]:
     tail = context[-n:]
     for j in range(len(context) - n - 1, -1, -1):
         if context[j] == tail[0] and context[j:j + n] == tail:
-            drafts = context[j + n:j + n + k]
-            period = len(context) - (j + n)
+            start = j + n  # the first token after the occurrence
+            before = run_match - n  # matched tokens needed before the n
+            if run_k > k and (before <= 0 or (j >= before and context[j - before:j] == context[-run_match:-n])):
+                k = run_k
+            drafts = context[start:start + k]
+            period = len(context) - start
             while len(drafts) < k:
                 drafts.append(drafts[-period])
             return drafts

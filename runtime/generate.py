@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from runtime.errors import UserError
-from runtime.decoding import DEFAULT_LOOKUP, LOOKUP_AFTER_RUN, GenerationConfig, GenerationResult, generate
+from runtime.decoding import DEFAULT_LOOKUP, LOOKUP_RUN, RUN_MATCH, GenerationConfig, GenerationResult, generate
 from runtime.loader import Opened, open_artifact, open_checkpoint
 from runtime.rss import peak_rss_mb
 
@@ -82,9 +82,9 @@ def parse_args(argv=None):
                         f"row_invariant_drafts (.pte), as measured elsewhere (README); 0: off. Default: "
                         f"{DEFAULT_LOOKUP} on those artifacts, else off")
     p.add_argument("--lookup-run", type=int, metavar="K",
-                   help="with --lookup: draft up to K tokens after a lookup step whose drafts were all accepted (a "
-                        f"repeating run). Default: {LOOKUP_AFTER_RUN['executorch']} on .pte artifacts (XNNPACK's calls "
-                        "grow slowly with rows), else the --lookup K")
+                   help="with --lookup: draft up to K tokens where the match reaches back further (a repeating run: "
+                        f"{RUN_MATCH} tokens or more). Default: {LOOKUP_RUN['executorch']} on .pte "
+                        "artifacts (XNNPACK's calls grow slowly with rows), else the --lookup K")
     p.add_argument("--lookup-fallback", type=int, metavar="K",
                    help="with --lookup: where the last 2 tokens never occurred before but the last token did, draft "
                         "up to K tokens that followed it (0: draft from the exit there). Default: 1 on .onnx artifacts (the "

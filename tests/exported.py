@@ -111,7 +111,7 @@ def check_looked_up_drafts_keep_the_tokens(backend, monkeypatch, k: int = 4) -> 
     plain = generate(backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False)).tokens
     steps = []
 
-    def propose(context, most, n):
+    def propose(context, most, n, *run):
         done = len(context) - len(PROMPT)  # tokens emitted so far
         drafts = list(plain[done:done + min(k, most)])
         steps.append(None)

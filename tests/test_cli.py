@@ -34,7 +34,7 @@ def test_lookup_reaches_the_decoding_loop(tiny_checkpoint, capsys, monkeypatch):
     from runtime import decoding
 
     asked = []
-    monkeypatch.setattr(decoding, "lookup_drafts", lambda context, k, n: asked.append((k, n)) or [])
+    monkeypatch.setattr(decoding, "lookup_drafts", lambda context, k, n, *run: asked.append((k, n)) or [])
     common = ["--model", str(tiny_checkpoint), "--prompt", "def add(a, b):", "--max-new-tokens", "20"]
     looked_up = run_json(capsys, *common, "--lookup", "6")
     assert asked and set(asked) == {(6, 2)} and looked_up["settings"]["lookup"] == 6

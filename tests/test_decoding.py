@@ -81,30 +81,36 @@ def test_greedy_with_looked_up_drafts_equals_autoregressive(model, autoregressiv
     assert 0 < sum(s.step_time_s.values()) <= s.decode_time_s
 
 
-def test_after_a_fully_accepted_lookup_step_the_next_one_drafts_up_to_lookup_run(model, autoregressive_tokens,
-                                                                                    monkeypatch):
-    """A lookup step whose drafts were all accepted (a repeating run) lets the next one draft up to
-    lookup_run; a rejection or an exit step goes back to K. The backend's default: K itself on eager."""
+def test_a_lookup_whose_match_reaches_back_further_drafts_up_to_lookup_run(model, autoregressive_tokens,
+                                                                          monkeypatch):
+    """Where the latest earlier occurrence of the last 2 tokens also matches the lookup_run_match tokens before
+    them (a longer stretch repeating), a lookup step drafts up to lookup_run; elsewhere up to K. The backend's
+    default: K itself on eager."""
+    context = [9, 1, 2, 3, 4, 5, 6, 7, 8, 2, 3, 4, 5, 6]
+    # [5, 6] occurred at index 5, after [2, 3, 4] as at the tail: a match of 5 tokens
+    assert decoding.lookup_drafts(context, 2, 2, 4, 5) == [7, 8, 2, 3]
+    assert decoding.lookup_drafts(context, 2, 2, 4, 6) == [7, 8]  # not 6: [1] before it, [8] at the tail
+    assert decoding.lookup_drafts(context, 2, 2, 4, 2) == [7, 8, 2, 3]  # a 2-token match is run enough at 2
+    assert decoding.lookup_drafts(context, 2, 2) == [7, 8]
     asked = []
+    real = decoding.lookup_drafts
 
-    def propose(context, k, n):  # plain decoding's next k tokens, every third proposal wrong at its second
-        asked.append(k)
-        done = len(context) - len(PROMPT)
-        drafts = list(autoregressive_tokens[done:done + k])
-        if len(asked) % 3 == 0:
-            drafts[1] = (drafts[1] + 1) % 256
-        return drafts
+    def recorded(context, *args):
+        asked.append(args)
+        return real(context, *args)
 
-    monkeypatch.setattr(decoding, "lookup_drafts", propose)
-    result = generate(EagerBackend(model, 2, 256), PROMPT,
-                      GenerationConfig(max_new_tokens=100, lookup=3, lookup_run=7))
-    assert result.tokens == autoregressive_tokens[:100]
-    assert asked[:6] == [3, 7, 7, 3, 7, 7]  # the third and sixth proposals were rejected at their second draft
+    monkeypatch.setattr(decoding, "lookup_drafts", recorded)
+    backend = EagerBackend(model, 2, 256)
+    cfg = GenerationConfig(max_new_tokens=150, num_speculations=3, lookup=3, lookup_run=7, lookup_run_match=3)
+    result = generate(backend, PROMPT, cfg)
+    assert result.tokens == autoregressive_tokens
+    assert {a for a in asked} == {(3, 2, 7, 3)}  # K, n, K of a run, its match, every step (room permitting)
     asked.clear()
-    generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=30, lookup=3))
-    assert set(asked) == {3} and "eager" not in decoding.LOOKUP_AFTER_RUN
+    generate(backend, PROMPT, GenerationConfig(max_new_tokens=30, lookup=3))
+    assert {a[2:] for a in asked} == {(3, decoding.RUN_MATCH)}  # eager: K itself
+    assert "eager" not in decoding.LOOKUP_RUN
     with pytest.raises(UserError, match="use --lookup-run 255 or fewer"):
-        generate(EagerBackend(model, 2, 256), PROMPT, GenerationConfig(max_new_tokens=4, lookup=3, lookup_run=256))
+        generate(backend, PROMPT, GenerationConfig(max_new_tokens=4, lookup=3, lookup_run=256))
 
 
 def test_a_step_without_a_2_token_match_drafts_after_a_1_token_match(model, autoregressive_tokens, monkeypatch):
@@ -114,8 +120,8 @@ def test_a_step_without_a_2_token_match_drafts_after_a_1_token_match(model, auto
     asked = []
     real = decoding.lookup_drafts
 
-    def recorded(context, k, n):
-        drafts = real(context, k, n)
+    def recorded(context, k, n, *run):
+        drafts = real(context, k, n, *run)
         asked.append((n, k, bool(drafts)))
         return drafts
 
@@ -284,7 +290,7 @@ def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
 def test_bad_generation_settings_are_user_errors():
     for bad in (dict(num_speculations=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0),
                 dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1), dict(lookup=-1),
-                dict(lookup_run=-1), dict(lookup_fallback=-1),
+                dict(lookup_run=-1), dict(lookup_run_match=0), dict(lookup_fallback=-1),
                 dict(lookup_ngram=0)):
         with pytest.raises(UserError):
             GenerationConfig(**bad)
