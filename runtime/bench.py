@@ -503,8 +503,8 @@ def lookup_table(runs: list[dict]) -> list[str]:
                  "artifacts exported with --pad-drafts (.onnx) or --pte-attention row_invariant_drafts (.pte), "
                  "as measured otherwise):", "",
              "| artifact | self-spec tok/s | with lookup tok/s | speedup | vs fastest plain | steps drafted by lookup "
-             "| acceptance | tokens/step | us/token: lookup steps / after a 1-token match / exit steps / full-call plain "
-             "(share of tokens) "
+             "| acceptance | tokens/step | us/token: lookup steps / after a 1-token match / exit steps / "
+             "full-call plain (share of tokens) "
              "| identical to plain (draft + verify) | to the full-model call |",
              "|" + "---|" * 11]
     for r in runs:

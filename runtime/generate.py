@@ -87,8 +87,9 @@ def parse_args(argv=None):
                         "artifacts (XNNPACK's calls grow slowly with rows), else the --lookup K")
     p.add_argument("--lookup-fallback", type=int, metavar="K",
                    help="with --lookup: where the last 2 tokens never occurred before but the last token did, draft "
-                        "up to K tokens that followed it (0: draft from the exit there). Default: 1 on .onnx artifacts (the "
-                        "padding row of an exact one-row call), 5 on .pte artifacts with draft_verify, else 0")
+                        "up to K tokens that followed it (0: draft from the exit there). Default: 1 on .onnx "
+                        "artifacts (the padding row of an exact one-row call), 5 on .pte artifacts with draft_verify, "
+                        "else 0")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from a file")

@@ -149,7 +149,7 @@ def test_a_step_without_a_2_token_match_drafts_after_a_1_token_match(model, auto
         generate(backend, PROMPT, GenerationConfig(max_new_tokens=4, lookup=3, lookup_fallback=256))
 
 
-def test_the_fallback_s_default_k_follows_the_backend_and_its_one_call_lookup_steps():
+def test_the_fallback_default_follows_the_backend_and_one_call_lookup_steps():
     class Named:
         def __init__(self, name, one_call):
             self.name, self.has_draft_verify = name, one_call
