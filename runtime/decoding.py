@@ -43,7 +43,7 @@ DEFAULT_LOOKUP = 5
 # A lookup whose match reaches back RUN_MATCH tokens or more (the context repeats a longer stretch, a run)
 # drafts up to LOOKUP_RUN's K, by backend; elsewhere K itself. XNNPACK's multi-row calls grow slowly with rows:
 # on the exact .pte, +1-4% over the previous rule (12 after a lookup step whose drafts were all accepted) in three
-# paired probes of the shipped model, +2-3% deep16, +-0 SmolLM2-135M. ONNX Runtime's int4 calls grow by ~85 us a
+# paired probes of the shipped model, +2-3% deep16, +-0 SmolLM2-135M. ONNX Runtime's int4 calls grow by ~90 us a
 # row: K 13 at a match of 8 cost 2-3% there (README, "Latest"; results/probe_lookup_runs.txt).
 LOOKUP_RUN = {"executorch": 12}
 RUN_MATCH = 8
