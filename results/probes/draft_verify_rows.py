@@ -1,15 +1,16 @@
 """Probe: the cost of one draft_verify call (a lookup step) by its row count, at one position, calls taking turns
-round by round in one process (medians of 12 rounds of 40 calls; ONNX rows padded as the runtime pads them).
+round by round in one process (call_costs.interleaved: medians of 12 rounds of 40 calls; ONNX rows padded as the
+runtime pads them).
 
     taskset -c 0 python results/probes/draft_verify_rows.py ART [--position 250] [--rows 1 2 4 6]
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from call_costs import interleaved  # noqa: E402
 from runtime.loader import open_artifact  # noqa: E402
 
 
@@ -20,15 +21,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 6])
     a = p.parse_args()
     backend = open_artifact(a.artifact, threads=1, preload=None).backend
-    times = {r: [] for r in a.rows}
-    for _ in range(12):
-        for r in a.rows:
-            t = time.perf_counter()
-            for _ in range(40):
-                backend.draft_verify([5] * r, a.position)
-            times[r].append(1e6 * (time.perf_counter() - t) / 40)
-    print(f"{a.artifact}, position {a.position}: " +
-          ", ".join(f"{r} rows {statistics.median(times[r]):.1f} us" for r in a.rows))
+    calls = {r: (lambda r=r: backend.draft_verify([5] * r, a.position)) for r in a.rows}
+    costs = interleaved(calls, n=40, rounds=12)
+    print(f"{a.artifact}, position {a.position}: " + ", ".join(f"{r} rows {costs[r]:.1f} us" for r in a.rows))
 
 
 if __name__ == "__main__":

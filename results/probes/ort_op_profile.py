@@ -6,7 +6,9 @@ by profiling, the shares are not). One method, ROWS rows at position POS, 300 ca
 import collections
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -14,12 +16,14 @@ import runtime.onnx_backend as onnx_backend  # noqa: E402
 from runtime.loader import open_artifact  # noqa: E402
 
 CALLS = 300
+PROFILES = Path(tempfile.mkdtemp())  # ONNX Runtime writes one profile per session; kept out of the working tree
 plain_options = onnx_backend.session_options
 
 
 def profiled_options(threads):
     so = plain_options(threads)
     so.enable_profiling = True
+    so.profile_file_prefix = str(PROFILES / "ort")
     return so
 
 
@@ -32,7 +36,8 @@ def main() -> None:
             "verify": lambda: backend.verify(pos, rows), "forward": lambda: backend.forward([5] * rows, pos)}[method]
     for _ in range(CALLS):
         call()
-    events = json.load(open(backend._get(method).session.end_profiling()))
+    profile = Path(backend._get(method).session.end_profiling())
+    events = json.loads(profile.read_text())
     by_op = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
@@ -40,6 +45,7 @@ def main() -> None:
     print(f"{method}, {rows} rows at position {pos}: {sum(by_op.values()) / CALLS:.1f} us per call (profiled)")
     for op, us in by_op.most_common(8):
         print(f"  {op:34s} {us / CALLS:7.1f} us")
+    shutil.rmtree(PROFILES, ignore_errors=True)
 
 
 if __name__ == "__main__":
