@@ -51,6 +51,17 @@ class DraftVerify(Protocol):
         ...
 
 
+class DraftGuess(Protocol):
+    """Optional (has_draft_guess True): a draft call cheaper than `draft`, whose rows may have other bits, for
+    drafts whose rows a draft_verify call computes again from the same position before anything reads them."""
+
+    has_draft_guess: bool
+
+    def draft_guess(self, tokens: Sequence[int], pos: int) -> np.ndarray:
+        """As draft: the exited logits of the last position [vocab]."""
+        ...
+
+
 class FullModel(Protocol):
     """Optional: the whole model as one call, the baseline of plain autoregressive decoding."""
 

@@ -499,7 +499,8 @@ def lookup_table(runs: list[dict]) -> list[str]:
     lines = ["", "With drafts looked up in the context (--lookup: a step whose last 2 tokens occurred earlier drafts "
                  "what followed them (a repeating run continued), in one prefix call, or one call with the verify "
                  "where the artifact has draft_verify; a step without one, what followed its last token "
-                 "(decoding.default_lookup_fallback); greedy output equals plain decoding by construction on "
+                 "(decoding.default_lookup_fallback), or exit drafts, guessed by cheap calls where the backend has "
+                 "them (decoding.default_exit_guesses); greedy output equals plain decoding by construction on "
                  "artifacts exported with --pad-drafts (.onnx) or --pte-attention row_invariant_drafts (.pte), "
                  "as measured otherwise):", "",
              "| artifact | self-spec tok/s | with lookup tok/s | speedup | vs fastest plain | steps drafted by lookup "

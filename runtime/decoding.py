@@ -17,7 +17,9 @@ call each, and verified as above, or through all layers in one call where the ar
 sampling, as drafts drawn from a one-hot distribution, so the acceptance rule still samples the model's
 distribution). Where the match reaches back further (a repeating run), a step may draft more
 (lookup_run, LOOKUP_RUN, RUN_MATCH). A step without such an occurrence looks up its last token alone (lookup_fallback,
-default_lookup_fallback); steps without either draft from the exit. The multi-row prefix
+default_lookup_fallback); steps without either draft from the exit: on a backend with a cheap draft call
+(draft_guess: ONNX Runtime's unpadded one) and draft_verify, exit_guesses drafts made by cheap calls and verified
+with their prefix in one draft_verify call (exit_guess_step), elsewhere as above. The multi-row prefix
 call computes rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
 backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
 with --pad-drafts (runtime/onnx_backend.py) and .pte artifacts exported with --pte-attention
@@ -38,26 +40,35 @@ from runtime.backend import Backend, has_full_model
 
 
 # K of --lookup where it is on by default (artifacts exact for it): K = 5 decoded at least as fast as
-# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Four sessions ago").
+# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Five sessions ago").
 DEFAULT_LOOKUP = 5
 # A lookup whose match reaches back RUN_MATCH tokens or more (the context repeats a longer stretch, a run)
 # drafts up to LOOKUP_RUN's K, by backend; elsewhere K itself. XNNPACK's multi-row calls grow slowly with rows:
 # on the exact .pte, +1-4% over the previous rule (12 after a lookup step whose drafts were all accepted) in three
 # paired probes of the shipped model, +2-3% deep16, +-0 SmolLM2-135M. ONNX Runtime's int4 calls grow by ~90 us a
-# row: K 13 at a match of 8 cost 2-3% there (README, "Latest"; results/probe_lookup_runs.txt).
+# row: K 13 at a match of 8 cost 2-3% there (README, "Previous session"; results/probe_lookup_runs.txt).
 LOOKUP_RUN = {"executorch": 12}
 RUN_MATCH = 8
 
 
-def default_lookup_fallback(backend) -> int:
+def default_lookup_fallback(backend, exit_guesses: int = 0) -> int:
     """K of a step whose last 2 tokens have no earlier occurrence but its last token has (drafts after a 1-token
     match, right about half the time), where --lookup-fallback is not given. Measured against exit drafts
-    there (README, "Latest"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the shipped
-    model, deep16 and SmolLM2-135M); XNNPACK 5 where a lookup step is one call (draft_verify: +5% shipped,
-    +-0 deep16; as two calls, SmolLM2, -4%); elsewhere 0 (exit drafts)."""
+    there (README, "Previous session"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the
+    shipped model, deep16 and SmolLM2-135M), but 0 where its exit steps guess (exit_guesses > 0: the exit's first
+    draft is right more often than the 1-token match, at one unpadded draft call more; deep16 +2.7%, the shipped
+    model even; README, "@NEW@"); XNNPACK 5 where a lookup step is one call (draft_verify: +5% shipped, +-0 deep16;
+    as two calls, SmolLM2, -4%); elsewhere 0 (exit drafts)."""
     if backend.name.startswith("onnxruntime"):
-        return 1
+        return 0 if exit_guesses else 1
     return 5 if backend.name == "executorch" and getattr(backend, "has_draft_verify", False) else 0
+
+
+def default_exit_guesses(backend) -> int:
+    """Exit drafts of a step drafted by cheap calls (exit_guess_step) where --exit-guesses is not given: 1 where the
+    backend has draft_guess and draft_verify (ONNX Runtime, exported for exact lookup), else 0 (the exit step of the
+    module docstring). At one draft, draft_verify's 2 rows cost what its 1 padded row does (README, "@NEW@")."""
+    return 1 if getattr(backend, "has_draft_guess", False) and getattr(backend, "has_draft_verify", False) else 0
 
 
 def check_draft_threshold(tau: float) -> float:
@@ -84,6 +95,8 @@ class GenerationConfig:
     lookup_run: Optional[int] = None  # K where the match reaches back lookup_run_match tokens; None: LOOKUP_RUN
     lookup_run_match: int = RUN_MATCH  # matched tokens that make a run
     lookup_fallback: Optional[int] = None  # K after a 1-token match where 2 have none; None: default_lookup_fallback
+    # exit drafts by cheap calls and one verifying call, at most d (0: off; None: default_exit_guesses)
+    exit_guesses: Optional[int] = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -106,6 +119,9 @@ class GenerationConfig:
         if self.lookup_fallback is not None and self.lookup_fallback < 0:
             raise UserError(f"--lookup-fallback {self.lookup_fallback} must be >= 0 (0: exit drafts where 2 tokens "
                             f"have no earlier occurrence).")
+        if self.exit_guesses is not None and self.exit_guesses < 0:
+            raise UserError(f"--exit-guesses {self.exit_guesses} must be >= 0 (0: exit steps draft through the "
+                            f"exact draft calls).")
         if self.lookup_ngram < 1:
             raise UserError(f"lookup_ngram {self.lookup_ngram} must be >= 1 (tokens matched).")
 
@@ -201,6 +217,10 @@ class TimedBackend:
     def draft_verify(self, tokens, pos):
         """Timed as the step's verify call, which it is (with the drafts' prefix pass in it)."""
         return self._timed("verify", self.backend.draft_verify, tokens, pos)
+
+    def draft_guess(self, tokens, pos):
+        """The backend's cheap draft call; its draft call where it has none."""
+        return self._timed("draft", getattr(self.backend, "draft_guess", self.backend.draft), tokens, pos)
 
     def draft_greedy(self, token, pos):
         return self._timed("draft", self.backend.draft_greedy, token, pos)
@@ -356,14 +376,16 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
         raise UserError(f"the {backend.name} backend has no full-model method; drop --full-model.")
     most = backend.max_tokens_per_call - 1
     for flag, k in (("--lookup", cfg.lookup), ("--lookup-run", cfg.lookup_run or 0),
-                    ("--lookup-fallback", cfg.lookup_fallback or 0)):
+                    ("--lookup-fallback", cfg.lookup_fallback or 0), ("--exit-guesses", cfg.exit_guesses or 0)):
         if k > most:
             raise UserError(f"{flag} {k} drafts need {k + 1} rows in one call, but this artifact takes at most "
                             f"{most + 1}; use {flag} {most} or fewer.")
     # K where the match reaches back lookup_run_match tokens (a backend's default is cut to what fits)
     run_k = min(LOOKUP_RUN.get(backend.name, 0), most) if cfg.lookup_run is None else cfg.lookup_run
     run_k = max(run_k, cfg.lookup)
-    fallback_k = min(default_lookup_fallback(backend), most) if cfg.lookup_fallback is None else cfg.lookup_fallback
+    guesses = default_exit_guesses(backend) if cfg.exit_guesses is None else cfg.exit_guesses
+    fallback_k = (min(default_lookup_fallback(backend, guesses), most) if cfg.lookup_fallback is None
+                  else cfg.lookup_fallback)
     backend.reset()
     stats = GenerationStats(prompt_tokens=len(prompt))
     calls = TimedBackend(backend, stats)
@@ -388,6 +410,9 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
                 looked_up, kind = lookup_drafts(context, min(fallback_k, room), 1), "lookup_1"
             if looked_up:
                 accepted, new = lookup_step(calls, chooser, token, pos, looked_up)
+            elif guesses:
+                kind, (accepted, new) = "exit", exit_guess_step(calls, chooser, token, pos,
+                                                                   min(guesses, cfg.num_speculations, room))
             else:
                 kind, (accepted, new) = "exit", speculative_step(calls, chooser, token, pos,
                                                                   min(cfg.num_speculations, room))
@@ -451,26 +476,52 @@ def lookup_drafts(context: list[int], k: int, n: int, run_k: int = 0, run_match:
     return []
 
 
-def lookup_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int,
-                drafts: list[int]) -> tuple[int, list[int]]:
-    """A step whose drafts came from the context: layers < E for t and the drafts in one call (exit-cache
-    rows pos .. pos+k), one verify; or both in one call, where the backend has it (draft_verify). For
-    sampling the drafts' distribution is one-hot."""
+def verify_drafts(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int, drafts: list[int],
+                  draft_probs: Optional[list] = None) -> tuple[int, list[int]]:
+    """Drafts known before the step's first call: layers < E for t and the drafts in one call (exit-cache rows
+    pos .. pos+k), one verify; or both in one call, where the backend has it (draft_verify). draft_probs: the
+    distributions the drafts were drawn from (sampling); None: drafts from the context, one-hot."""
     if calls.has_draft_verify:
         verify_logits = calls.draft_verify([token] + drafts, pos)
     else:
         calls.draft([token] + drafts, pos)
         verify_logits = calls.verify(pos, len(drafts) + 1)
-    if chooser.cfg.greedy:
+    if draft_probs is None and chooser.cfg.greedy:
         draft_probs = [None] * len(drafts)
-    else:
+    elif draft_probs is None:
         draft_probs = [np.zeros(verify_logits.shape[-1]) for _ in drafts]
         for q, x in zip(draft_probs, drafts):
             q[x] = 1.0
     accepted, new = chooser.accept(drafts, draft_probs, verify_logits)
     calls.stats.drafted += len(drafts)
     calls.stats.accepted += accepted
+    return accepted, new
+
+
+def lookup_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int,
+                drafts: list[int]) -> tuple[int, list[int]]:
+    """A step whose drafts came from the context (verify_drafts)."""
     calls.stats.lookup_steps += 1
+    return verify_drafts(calls, chooser, token, pos, drafts)
+
+
+def exit_guess_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int,
+                    d: int) -> tuple[int, list[int]]:
+    """Up to d exit drafts from the backend's cheap draft calls (draft_guess; the draft threshold stops them
+    after the first), then verify_drafts computes their rows again, with the bits of plain decoding, and
+    verifies them. The cheap calls' rows are overwritten before anything reads them, so output stays plain
+    decoding's; with sampling each draft's distribution is the one it was drawn from."""
+    drafts, draft_probs = [], []
+    x = token
+    for k in range(d):
+        drafted = chooser.choose(calls.draft_guess([x], pos + k), chooser.cfg.draft_threshold if k else 0.0)
+        if drafted is None:
+            break
+        x, q = drafted
+        drafts.append(x)
+        draft_probs.append(q)
+    accepted, new = verify_drafts(calls, chooser, token, pos, drafts, draft_probs)
+    calls.stats.early_stops += len(drafts) < d
     return accepted, new
 
 

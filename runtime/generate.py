@@ -88,8 +88,13 @@ def parse_args(argv=None):
     p.add_argument("--lookup-fallback", type=int, metavar="K",
                    help="with --lookup: where the last 2 tokens never occurred before but the last token did, draft "
                         "up to K tokens that followed it (0: draft from the exit there). Default: 1 on .onnx "
-                        "artifacts (the padding row of an exact one-row call), 5 on .pte artifacts with draft_verify, "
-                        "else 0")
+                        "artifacts (the padding row of an exact one-row call) without --exit-guesses, 5 on .pte "
+                        "artifacts with draft_verify, else 0")
+    p.add_argument("--exit-guesses", type=int, metavar="N",
+                   help="a step drafting from the exit drafts N tokens by cheap draft calls (ONNX Runtime's unpadded "
+                        "one) and verifies them with their prefix in one draft_verify call, which computes their rows "
+                        "again with plain decoding's bits (0: exact draft calls and a verify call). Default: 1 on "
+                        ".onnx artifacts exported for exact lookup, else 0")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
@@ -140,7 +145,7 @@ def main(argv=None) -> int:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             eos_token_ids=tuple(opened.eos_token_ids), full_model_baseline=args.full_model,
             draft_threshold=opened.draft_threshold, lookup=lookup_drafts_per_step(args.lookup, opened),
-            lookup_run=args.lookup_run, lookup_fallback=args.lookup_fallback)
+            lookup_run=args.lookup_run, lookup_fallback=args.lookup_fallback, exit_guesses=args.exit_guesses)
         if not args.json:
             sys.stdout.write(prompt)
         result, text = run_generation(opened, prompt, cfg, tuple(args.stop), None if args.json else sys.stdout)

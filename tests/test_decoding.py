@@ -159,6 +159,62 @@ def test_the_fallback_default_follows_the_backend_and_one_call_lookup_steps():
     assert defaults == {("onnxruntime-cpu", True): 1, ("onnxruntime-cpu", False): 1, ("onnxruntime-cuda", True): 1,
                         ("onnxruntime-cuda", False): 1, ("executorch", True): 5, ("executorch", False): 0,
                         ("eager", True): 0, ("eager", False): 0}
+    # where ONNX Runtime's exit steps guess by a cheap call, the exit's first draft replaces the 1-token match
+    assert decoding.default_lookup_fallback(Named("onnxruntime-cpu", True), exit_guesses=1) == 0
+    assert decoding.default_lookup_fallback(Named("executorch", True), exit_guesses=1) == 5
+
+
+class GuessingBackend(EagerBackend):
+    """An eager backend with a cheap draft call whose rows have other bits: draft_guess drafts, then spoils the
+    KV and exit-cache rows it wrote, so that output stays plain decoding's only if the verifying call computes
+    them again."""
+
+    has_draft_guess = True
+
+    def draft_guess(self, tokens, pos):
+        logits = self.draft(tokens, pos)
+        rows = slice(pos, pos + len(tokens))
+        for cache in self.model.caches[:self.exit_layer]:
+            cache.k[:, :, rows] += 1.0
+            cache.v[:, :, rows] -= 1.0
+        self.exit_cache[rows] *= 2.0
+        return logits
+
+
+@pytest.mark.parametrize("guesses", [1, 3])
+def test_exit_guesses_are_computed_again_by_the_verifying_call(model, autoregressive_tokens, guesses, monkeypatch):
+    """exit_guesses N: a step drafting from the exit drafts N tokens by the backend's cheap draft calls, then one
+    draft_verify call computes their rows again and verifies them: plain decoding's tokens, whatever the cheap
+    calls left in the caches; N calls and one verifying call per exit step."""
+    backend = GuessingBackend(model, 2, 256)
+    result = generate(backend, PROMPT, GenerationConfig(max_new_tokens=150, num_speculations=3, exit_guesses=guesses))
+    assert result.tokens == autoregressive_tokens
+    s = result.stats
+    assert set(s.step_tokens) == {"exit"} and s.drafted == guesses * s.steps
+    assert s.draft_calls == guesses * s.steps + 1 and s.verify_calls == s.steps + 1  # + 1: the prompt
+    assert s.tokens_per_step.get(guesses + 1, 0) > 0 and s.tokens_per_step.get(1, 0) > 0
+    # the spoiled rows do change the output where nothing computes them again
+    monkeypatch.setattr(backend, "draft_verify", lambda tokens, pos: backend.verify(pos, len(tokens)))
+    assert generate(backend, PROMPT, GenerationConfig(max_new_tokens=150, exit_guesses=guesses)).tokens != \
+        autoregressive_tokens
+    monkeypatch.undo()
+    # at most d; after the first, the draft threshold stops them; 0: the exit step of exact draft calls
+    capped = generate(backend, PROMPT, GenerationConfig(max_new_tokens=40, num_speculations=1, exit_guesses=guesses))
+    assert capped.stats.drafted == capped.stats.steps
+    sure = generate(backend, PROMPT, GenerationConfig(max_new_tokens=40, exit_guesses=3, draft_threshold=0.99)).stats
+    assert sure.drafted == sure.steps == sure.early_stops  # the first draft goes in the verifying call's other row
+    off = generate(backend, PROMPT, GenerationConfig(max_new_tokens=150, num_speculations=3, exit_guesses=0))
+    assert off.tokens == autoregressive_tokens and off.stats.draft_calls == 4 * off.stats.steps + 1
+
+
+def test_exit_guesses_default_to_one_where_a_cheap_draft_call_and_draft_verify_exist(model):
+    backend = GuessingBackend(model, 2, 256)
+    assert decoding.default_exit_guesses(backend) == 1
+    backend.has_draft_verify = False
+    assert decoding.default_exit_guesses(backend) == 0
+    assert decoding.default_exit_guesses(EagerBackend(model, 2, 256)) == 0
+    with pytest.raises(UserError, match="use --exit-guesses 255 or fewer"):
+        generate(backend, PROMPT, GenerationConfig(max_new_tokens=4, exit_guesses=256))
 
 
 def test_plain_decoding_counts_its_steps_as_plain(model):
@@ -249,7 +305,8 @@ def goodness_of_fit(observed, exact) -> float:
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_k=6, top_p=0.9),
                                       dict(temperature=1.0, draft_threshold=0.3),
-                                      dict(temperature=1.0, lookup=3, lookup_ngram=1)])
+                                      dict(temperature=1.0, lookup=3, lookup_ngram=1),
+                                      dict(temperature=1.0, exit_guesses=2, draft_threshold=0.3)])
 def test_self_speculative_sampling_keeps_the_distribution(small_vocab_model, settings):
     prompt = [3, 7, 1, 5, 2, 3]  # with lookup: the first token is often one of these, whose followers are drafted
     cfg = GenerationConfig(max_new_tokens=2, num_speculations=2, **settings)
@@ -290,7 +347,7 @@ def test_a_wrong_acceptance_rule_is_detected(small_vocab_model, monkeypatch):
 def test_bad_generation_settings_are_user_errors():
     for bad in (dict(num_speculations=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0),
                 dict(top_k=-2), dict(draft_threshold=1.0), dict(draft_threshold=-0.1), dict(lookup=-1),
-                dict(lookup_run=-1), dict(lookup_run_match=0), dict(lookup_fallback=-1),
+                dict(lookup_run=-1), dict(lookup_run_match=0), dict(lookup_fallback=-1), dict(exit_guesses=-1),
                 dict(lookup_ngram=0)):
         with pytest.raises(UserError):
             GenerationConfig(**bad)

@@ -14,6 +14,7 @@ from exported import (PROMPT, call_sequence, check_looked_up_drafts_keep_the_tok
                       draft_verify_and_one_by_one, drafts_together_and_alone, eager_reference, generate_cli_lookup,
                       max_diff, verify_together_and_alone)
 from runtime.errors import UserError
+from runtime import decoding
 from runtime.decoding import DEFAULT_LOOKUP, GenerationConfig, generate
 from runtime.artifact import read_manifest
 from runtime.loader import open_artifact
@@ -118,11 +119,16 @@ def test_padded_drafts_give_a_row_the_bits_of_a_one_token_draft(which, request, 
     assert generate(odd, PROMPT, GenerationConfig(max_new_tokens=30, num_speculations=3, lookup=6)).tokens == ar.tokens
 
 
-def test_a_lookup_step_in_one_call_has_the_bits_of_plain_decoding(tiny_checkpoint, int4_onnx, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def int4_lookup_onnx(tiny_checkpoint, tmp_path_factory):
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("int4_lookup"), quant="int4", for_lookup=True)
+
+
+def test_a_lookup_step_in_one_call_has_the_bits_of_plain_decoding(int4_lookup_onnx, int4_onnx, monkeypatch):
     """Artifacts exported for exact lookup hold draft_verify.onnx (draft and verify in one graph, padded as a
     draft call is): its rows have the bits of 1-token draft + verify calls, at int4 blocks of 64, where
     odd row counts are padded, and a lookup step is then one call. Other artifacts go without it."""
-    manifest = export(tiny_checkpoint, tmp_path, quant="int4", for_lookup=True)
+    manifest = int4_lookup_onnx
     assert manifest.methods == ["draft", "verify", "forward", "draft_verify"] and manifest.group_size == 64
     assert "draft_verify" not in int4_onnx.methods and not open_artifact(int4_onnx.directory).backend.has_draft_verify
     backend = open_artifact(manifest.directory).backend
@@ -137,6 +143,34 @@ def test_a_lookup_step_in_one_call_has_the_bits_of_plain_decoding(tiny_checkpoin
         one_by_one.append(np.array(backend.verify(k, 1)[0]))
     assert np.array_equal(merged, np.stack(one_by_one))
     check_looked_up_drafts_keep_the_tokens(backend, monkeypatch)
+
+
+def test_exit_guesses_leave_the_caches_as_plain_decoding_does(int4_lookup_onnx, monkeypatch):
+    """On an artifact exported for exact lookup a step drafting from the exit drafts by one unpadded draft call
+    (ONNX Runtime's one-row path: other bits than the padded call's), then draft_verify computes those rows
+    again: the KV and exit caches end with plain decoding's bits, and so do the tokens."""
+    backend = open_artifact(int4_lookup_onnx.directory).backend
+    assert backend.has_draft_guess and decoding.default_exit_guesses(backend) == 1
+    backend.draft_verify(PROMPT, 0)
+    guessed = np.array(backend.draft_guess([7], len(PROMPT)))
+    assert not np.array_equal(guessed, backend.draft([7], len(PROMPT)))  # the bits a guess leaves are not plain's
+
+    def decode(cfg):
+        result = generate(backend, PROMPT, cfg)
+        end = len(PROMPT) + len(result.tokens) - 1  # rows written by both decoders
+        caches = [np.array(c.numpy()[:, :, :end]) for pair in backend.caches for c in pair]
+        return result, caches, np.array(backend.exit_cache.numpy()[:end])
+
+    plain, plain_caches, plain_exit = decode(GenerationConfig(max_new_tokens=40, self_speculative=False))
+    guessing, caches, exit_rows = decode(GenerationConfig(max_new_tokens=40, num_speculations=3))
+    assert guessing.tokens == plain.tokens and guessing.stats.drafted == guessing.stats.steps
+    assert guessing.stats.draft_calls == guessing.stats.steps + 1  # one unpadded call per step, + 1: the prompt
+    assert all(np.array_equal(a, b) for a, b in zip(caches, plain_caches)) and np.array_equal(exit_rows, plain_exit)
+    # where the verifying call left the guessed row (t's) as the guess wrote it, the caches keep other bits
+    monkeypatch.setattr(backend, "draft_verify", lambda tokens, pos: (backend.draft_rows(tokens[1:], pos + 1),
+                                                                      backend.verify(pos, len(tokens)))[1])
+    _, spoiled, spoiled_exit = decode(GenerationConfig(max_new_tokens=40, num_speculations=3))
+    assert not np.array_equal(spoiled_exit, plain_exit)
 
 
 def test_draft_verify_runs_layer_e_norm_as_draft_and_verify_do(tmp_path):
