@@ -57,7 +57,7 @@ def default_lookup_fallback(backend, exit_guesses: int = 0) -> int:
     there (README, "Previous session"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the
     shipped model, deep16 and SmolLM2-135M), but 0 where its exit steps guess (exit_guesses > 0: the exit's first
     draft is right more often than the 1-token match, at one unpadded draft call more; deep16 +2.7%, the shipped
-    model even; README, "@NEW@"); XNNPACK 5 where a lookup step is one call (draft_verify: +5% shipped, +-0 deep16;
+    model even; README, "Latest"); XNNPACK 5 where a lookup step is one call (draft_verify: +5% shipped, +-0 deep16;
     as two calls, SmolLM2, -4%); elsewhere 0 (exit drafts)."""
     if backend.name.startswith("onnxruntime"):
         return 0 if exit_guesses else 1
@@ -67,7 +67,7 @@ def default_lookup_fallback(backend, exit_guesses: int = 0) -> int:
 def default_exit_guesses(backend) -> int:
     """Exit drafts of a step drafted by cheap calls (exit_guess_step) where --exit-guesses is not given: 1 where the
     backend has draft_guess and draft_verify (ONNX Runtime, exported for exact lookup), else 0 (the exit step of the
-    module docstring). At one draft, draft_verify's 2 rows cost what its 1 padded row does (README, "@NEW@")."""
+    module docstring). At one draft, draft_verify's 2 rows cost what its 1 padded row does (README, "Latest")."""
     return 1 if getattr(backend, "has_draft_guess", False) and getattr(backend, "has_draft_verify", False) else 0
 
 
