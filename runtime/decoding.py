@@ -368,12 +368,9 @@ def prefill_full(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -
     return logits
 
 
-def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
-             on_tokens: Optional[Callable[[list[int]], Optional[bool]]] = None) -> GenerationResult:
-    """Decode after `prompt` (token ids). `on_tokens(new_ids)` streams tokens and may return True to stop."""
-    check_prompt(prompt, backend.max_seq_len)
-    if cfg.full_model_baseline and not has_full_model(backend):
-        raise UserError(f"the {backend.name} backend has no full-model method; drop --full-model.")
+def step_policy(backend, cfg: GenerationConfig) -> dict:
+    """How a step drafts on this backend: cfg's settings with the backend's defaults filled in, checked against
+    the rows a call takes. {lookup, lookup_run, lookup_run_match, lookup_fallback, exit_guesses} (README commands)."""
     most = backend.max_tokens_per_call - 1
     for flag, k in (("--lookup", cfg.lookup), ("--lookup-run", cfg.lookup_run or 0),
                     ("--lookup-fallback", cfg.lookup_fallback or 0), ("--exit-guesses", cfg.exit_guesses or 0)):
@@ -382,10 +379,21 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
                             f"{most + 1}; use {flag} {most} or fewer.")
     # K where the match reaches back lookup_run_match tokens (a backend's default is cut to what fits)
     run_k = min(LOOKUP_RUN.get(backend.name, 0), most) if cfg.lookup_run is None else cfg.lookup_run
-    run_k = max(run_k, cfg.lookup)
     guesses = default_exit_guesses(backend) if cfg.exit_guesses is None else cfg.exit_guesses
     fallback_k = (min(default_lookup_fallback(backend, guesses), most) if cfg.lookup_fallback is None
                   else cfg.lookup_fallback)
+    return {"lookup": cfg.lookup, "lookup_run": max(run_k, cfg.lookup), "lookup_run_match": cfg.lookup_run_match,
+            "lookup_fallback": fallback_k, "exit_guesses": guesses}
+
+
+def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
+             on_tokens: Optional[Callable[[list[int]], Optional[bool]]] = None) -> GenerationResult:
+    """Decode after `prompt` (token ids). `on_tokens(new_ids)` streams tokens and may return True to stop."""
+    check_prompt(prompt, backend.max_seq_len)
+    if cfg.full_model_baseline and not has_full_model(backend):
+        raise UserError(f"the {backend.name} backend has no full-model method; drop --full-model.")
+    policy = step_policy(backend, cfg)
+    run_k, fallback_k, guesses = policy["lookup_run"], policy["lookup_fallback"], policy["exit_guesses"]
     backend.reset()
     stats = GenerationStats(prompt_tokens=len(prompt))
     calls = TimedBackend(backend, stats)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from runtime.errors import UserError
-from runtime.decoding import DEFAULT_LOOKUP, LOOKUP_RUN, RUN_MATCH, GenerationConfig, GenerationResult, generate
+from runtime.decoding import (DEFAULT_LOOKUP, LOOKUP_RUN, RUN_MATCH, GenerationConfig, GenerationResult, generate,
+                              step_policy)
 from runtime.loader import Opened, open_artifact, open_checkpoint
 from runtime.rss import peak_rss_mb
 
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
                           "stats": {**stats.to_dict(), "peak_rss_mb": peak_rss_mb()},
                           "settings": {**opened.facts, "mode": "autoregressive" if args.ar else "self_speculative",
                                        "num_speculations": cfg.num_speculations,
-                                       "draft_threshold": cfg.draft_threshold, "lookup": cfg.lookup,
+                                       "draft_threshold": cfg.draft_threshold,
+                                       **step_policy(opened.backend, cfg),
                                        "temperature": cfg.temperature,
                                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}}))
     else:

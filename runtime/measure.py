@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.decoding import GenerationConfig, generate, prefill
+from runtime.decoding import GenerationConfig, generate, prefill, step_policy
 
 MODES = ("ar", "ar_full", "spec")  # autoregressive via draft+verify, via the full-model call, self-speculative
 LOOKUP_MODE = "spec_lookup"  # self-speculative with drafts looked up in the context too (--lookup K)
@@ -122,7 +122,8 @@ def run_modes(backend, prompts: list[list[int]], d: int, max_new_tokens: int, eo
                   "tokens_per_step_histogram": best.histogram, "draft_ms_per_call": best.draft_ms_per_call,
                   "verify_ms_per_call": best.verify_ms_per_call,
                   **({"lookup_step_fraction": best.lookup_step_fraction} if m == LOOKUP_MODE else {}),
-                  **({"steps_by_kind": best.steps_by_kind} if m in ("spec", LOOKUP_MODE) else {})}
+                  **({"steps_by_kind": best.steps_by_kind, "step_policy": step_policy(backend, cfgs[m])}
+                     if m in ("spec", LOOKUP_MODE) else {})}
     if "ar" in runs:  # greedy self-speculation must reproduce autoregressive output
         if "spec" in runs:
             out.update(greedy_identity(backend, prompts, runs["spec"][-1].tokens, runs))

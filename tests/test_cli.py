@@ -38,6 +38,12 @@ def test_lookup_reaches_the_decoding_loop(tiny_checkpoint, capsys, monkeypatch):
     common = ["--model", str(tiny_checkpoint), "--prompt", "def add(a, b):", "--max-new-tokens", "20"]
     looked_up = run_json(capsys, *common, "--lookup", "6")
     assert asked and set(asked) == {(6, 2)} and looked_up["settings"]["lookup"] == 6
+    # the settings name the step policy as the loop resolved it (eager: runs of K, no fallback, no exit guesses)
+    assert {k: looked_up["settings"][k] for k in ("lookup_run", "lookup_fallback", "exit_guesses")} == \
+        {"lookup_run": 6, "lookup_fallback": 0, "exit_guesses": 0}
+    guessing = run_json(capsys, *common, "--exit-guesses", "2", "--lookup-fallback", "3")
+    assert (guessing["settings"]["exit_guesses"], guessing["settings"]["lookup_fallback"]) == (2, 3)
+    assert guessing["stats"]["drafted"] == 2 * guessing["stats"]["steps"]  # two guesses a step: no threshold here
     assert looked_up["tokens"] == run_json(capsys, *common)["tokens"]
 
 
