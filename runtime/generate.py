@@ -147,6 +147,7 @@ def main(argv=None) -> int:
             eos_token_ids=tuple(opened.eos_token_ids), full_model_baseline=args.full_model,
             draft_threshold=opened.draft_threshold, lookup=lookup_drafts_per_step(args.lookup, opened),
             lookup_run=args.lookup_run, lookup_fallback=args.lookup_fallback, exit_guesses=args.exit_guesses)
+        policy = step_policy(opened.backend, cfg)
         if not args.json:
             sys.stdout.write(prompt)
         result, text = run_generation(opened, prompt, cfg, tuple(args.stop), None if args.json else sys.stdout)
@@ -160,13 +161,14 @@ def main(argv=None) -> int:
                           "settings": {**opened.facts, "mode": "autoregressive" if args.ar else "self_speculative",
                                        "num_speculations": cfg.num_speculations,
                                        "draft_threshold": cfg.draft_threshold,
-                                       **step_policy(opened.backend, cfg),
+                                       **policy,
                                        "temperature": cfg.temperature,
                                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}}))
     else:
+        guesses = 0 if args.ar else policy["exit_guesses"]
         print(f"\n---\n[{'autoregressive' if args.ar else 'self-speculative'}, {opened.facts.get('backend')}, "
               f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}, tau={cfg.draft_threshold:g}"
-              f"{f', lookup {cfg.lookup}' if cfg.lookup else ''}] "
+              f"{f', lookup {cfg.lookup}' if cfg.lookup else ''}{f', exit guesses {guesses}' if guesses else ''}] "
               f"{stats.summary()}", file=sys.stderr)
     if stats.stop_reason == "max_seq_len":
         print(f"note: generation stopped at the cache's {opened.backend.max_seq_len} positions; "
