@@ -494,12 +494,11 @@ def verify_drafts(calls: TimedBackend, chooser: TokenChooser, token: int, pos: i
     else:
         calls.draft([token] + drafts, pos)
         verify_logits = calls.verify(pos, len(drafts) + 1)
-    if draft_probs is None and chooser.cfg.greedy:
-        draft_probs = [None] * len(drafts)
-    elif draft_probs is None:
-        draft_probs = [np.zeros(verify_logits.shape[-1]) for _ in drafts]
+    if draft_probs is None:
+        draft_probs = [None if chooser.cfg.greedy else np.zeros(verify_logits.shape[-1]) for _ in drafts]
         for q, x in zip(draft_probs, drafts):
-            q[x] = 1.0
+            if q is not None:
+                q[x] = 1.0
     accepted, new = chooser.accept(drafts, draft_probs, verify_logits)
     calls.stats.drafted += len(drafts)
     calls.stats.accepted += accepted

@@ -45,8 +45,9 @@ def main() -> None:
                 **base, lookup_fallback=k, exit_guesses=None if g < 0 else g, num_speculations=d, draft_threshold=tau))
             per_kind = ", ".join(f"{kind} {c['us_per_token']:.1f} us/token ({c['token_share']:.0%} of tokens)"
                                  for kind, c in sorted(result.steps_by_kind.items()))
-            same = sum(a == b for a, b in zip(result.tokens, reference.tokens))
-            setting = f"fallback K {k}" + ("" if g < 0 else f", exit guesses {g}") + (f", d {d}, tau {tau:g}" if a.d or a.tau else "")
+            same = sum(x == y for x, y in zip(result.tokens, reference.tokens))
+            setting = (f"fallback K {k}" + ("" if g < 0 else f", exit guesses {g}")
+                       + (f", d {d}, tau {tau:g}" if a.d or a.tau else ""))
             print(f"round {r + 1} {setting}: {result.decode_tokens_per_s:.0f} tok/s, "
                   f"{result.decode_tokens_per_s / plain.decode_tokens_per_s:.3f}x full-call plain; {per_kind}; "
                   f"{same} of {len(prompts)} as plain decoding",
