@@ -46,13 +46,13 @@ def parse_args(argv=None) -> ExportConfig:
                    help="ONNX KV cache: gqa (ONNX Runtime's GroupQueryAttention, updated in place; default) "
                         "or sdpa (standard ONNX ops only)")
     p.add_argument("--pte-attention", default=d.pte_attention, choices=PTE_ATTENTION,
-                   help=".pte attention of the verify method: row_invariant (default; XNNPACK ops whose rows do not "
-                        "depend on the call: a token's logits have the same bits in a verify as when decoded alone, so "
-                        "greedy self-speculation equals plain decoding by construction) or custom_sdpa (ExecuTorch's "
-                        "kernel, which rounds a row by the call's row count), or row_invariant_drafts (the draft "
-                        "method too, so that drafts looked up in the context, runtime --lookup K, give greedy output "
-                        "equal to plain decoding by construction; 1-token drafts cost more). The full-model method "
-                        "uses custom_sdpa")
+                   help=".pte attention: row_sdpa (default; our kernel, runtime/kernels/row_sdpa.cpp, built on "
+                        "first use with g++, in every method on one set of caches: a token's logits have the same "
+                        "bits in any call as decoded alone, so greedy self-speculation and --lookup equal plain "
+                        "decoding by construction, at plain attention's cost), row_invariant (the verify method "
+                        "only, in XNNPACK ops; no compiler needed; the full-model method keeps custom_sdpa on caches "
+                        "of its own), row_invariant_drafts (the draft method too, so that --lookup is exact), or "
+                        "custom_sdpa (ExecuTorch's kernel everywhere, which rounds a row by the call's row count)")
     p.add_argument("--fused-draft", action="store_true",
                    help="also export draft_greedy (.pte only): d greedy drafts in one call; measured no faster "
                         "than d draft calls on XNNPACK here, and it packs the prefix weights a second time")
@@ -70,8 +70,8 @@ def parse_args(argv=None) -> ExportConfig:
                         "equal to plain decoding by construction; every 1-token draft call pays a second row")
     p.add_argument("--for-lookup", action="store_true",
                    help="export every target so that drafts looked up in the context (runtime --lookup K, then on by "
-                        "default) give greedy output equal to plain decoding: --pte-attention row_invariant_drafts, "
-                        "--pad-drafts. A checkpoint without layerskip.json (no LayerSkip training) also gets exit "
+                        "default) give greedy output equal to plain decoding: --pte-attention row_sdpa (or "
+                        "row_invariant_drafts), --pad-drafts. A checkpoint without layerskip.json (no LayerSkip training) also gets exit "
                         "layer L/4, --draft-threshold 0.99 and, above 16k tokens, --draft-vocab 256, unless given")
     p.add_argument("--no-draft-verify", action="store_true",
                    help="leave out draft_verify, the method that makes a looked-up step one call on artifacts exported "

@@ -31,7 +31,7 @@ from runtime.decoding import check_draft_threshold
 from runtime.errors import UserError
 
 BACKENDS = ("xnnpack", "portable", "onnx", "all")
-PTE_ATTENTION = ("row_invariant", "row_invariant_drafts", "custom_sdpa")  # export/to_pte.py: RowInvariantKVCache
+PTE_ATTENTION = ("row_invariant", "row_invariant_drafts", "row_sdpa", "custom_sdpa")  # export/to_pte.py
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per
 # scale (0: one scale per output channel, .pte only), halved until it divides every linear's input
@@ -47,7 +47,7 @@ DEFAULT_GROUP_SIZE = {"pte": 32, "onnx": 128}
 # verifying (SmolLM2-135M: acceptance 0.01 at layer 8 of 30), so a step without a match in the context
 # decodes one token (tau 0.99), the exit at L/4 only splits the draft and verify calls, and at a large
 # vocabulary a draft head over 256 tokens keeps the exit's head out of each draft call (SmolLM2: 1.53 ->
-# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Four sessions ago").
+# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Five sessions ago").
 FOR_LOOKUP_UNTRAINED = {"draft_threshold": 0.99, "draft_vocab": 256, "large_vocab": 16384}
 
 
@@ -72,7 +72,7 @@ class ExportConfig:
     out: Path = Path("artifacts")
     methods: tuple[str, ...] = DEFAULT_METHODS
     onnx_kv_cache: str = "gqa"  # "gqa" (ONNX Runtime contrib op, in-place) or "sdpa" (standard ops only)
-    pte_attention: str = "row_invariant"  # verify rows get the same bits whatever the row count; or "custom_sdpa"
+    pte_attention: str = "row_sdpa"  # a row gets the same bits whatever the row count (export/to_pte.py)
     draft_vocab: int = 0  # K > 0: drafts exit through a head over the K most frequent tokens only
     draft_threshold: Optional[float] = None  # tau stored in the manifest; None: the checkpoint's recommended (or 0)
     jobs: Optional[int] = None  # processes lowering .pte methods at once; None: the cores this process may use
@@ -91,9 +91,11 @@ class ExportConfig:
             raise UserError(f"--pte-attention {self.pte_attention!r} is unknown; use one of {', '.join(PTE_ATTENTION)}.")
         if self.for_lookup:
             if self.pte_attention == "custom_sdpa" or self.onnx_kv_cache == "sdpa":
-                raise UserError("--for-lookup needs the row-invariant attention (--pte-attention row_invariant_drafts, "
-                                "--onnx-kv-cache gqa); drop --pte-attention custom_sdpa / --onnx-kv-cache sdpa.")
-            self.pte_attention = "row_invariant_drafts"
+                raise UserError("--for-lookup needs a row-invariant attention (--pte-attention row_sdpa or "
+                                "row_invariant_drafts, --onnx-kv-cache gqa); drop --pte-attention custom_sdpa / "
+                                "--onnx-kv-cache sdpa.")
+            if self.pte_attention == "row_invariant":
+                self.pte_attention = "row_invariant_drafts"
             self.pad_drafts = "onnx" in self.targets()
         if self.max_tokens_per_call < 2:
             raise UserError(f"--max-tokens-per-call {self.max_tokens_per_call} must be >= 2.")

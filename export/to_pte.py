@@ -1,7 +1,8 @@
 """Lowering to ExecuTorch: one .pte holding the draft, verify and full-model methods.
 
 Weights are stored once (the serializer keys constant data by content, so the LM head and final norm
-shared by the methods appear once) and one KV cache is shared by all methods
+shared by the methods appear once) and one KV cache is shared by all methods (with --pte-attention row_sdpa, the
+default, they all attend through our kernel, runtime/kernels/row_sdpa.cpp)
 (MemoryPlanningPass(share_mutable_buffers=True); without it the methods would each see their own).
 The methods are traced and delegated in up to one process per core (trace_and_lower); the process
 that finishes lowering first hands its programs to the other, which serializes the .pte.
@@ -52,6 +53,57 @@ class CustomOpKVCache(nn.Module):
         torch.ops.llama.update_cache(k, self.k, start)
         torch.ops.llama.update_cache(v, self.v, start)
         return torch.ops.llama.custom_sdpa(q, self.k, self.v, start, None, 0, True)
+
+
+_ROW_SDPA = []
+
+
+def define_row_sdpa_op() -> None:
+    """layerskip::row_sdpa for torch (export and eager): its functional and out forms, computed here in torch.
+    ExecuTorch runs it through our kernel (runtime/kernels/row_sdpa.cpp), whose rows equal these to ~1e-6."""
+    if _ROW_SDPA:
+        return
+    lib = torch.library.Library("layerskip", "FRAGMENT")
+    lib.define("row_sdpa(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos) -> Tensor")
+    lib.define("row_sdpa.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, *, Tensor(a!) out) "
+               "-> Tensor(a!)")
+
+    def row_sdpa(q, k_cache, v_cache, start_pos):
+        """q: [1, T, H, D]; caches [1, S, H_kv, D] -> [1, T, H, D]: row t attends keys 0 .. start_pos + t."""
+        t, h, d = q.shape[1:]
+        end, group = start_pos + t, h // k_cache.shape[2]
+        k = k_cache[0, :end].transpose(0, 1).repeat_interleave(group, 0)  # [H, L, D]
+        v = v_cache[0, :end].transpose(0, 1).repeat_interleave(group, 0)
+        scores = q[0].transpose(0, 1) @ k.transpose(1, 2) * d ** -0.5  # [H, T, L]
+        causal = torch.ones(t, end, dtype=torch.bool).tril(start_pos)
+        y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # [H, T, D]
+        return y.transpose(0, 1).unsqueeze(0).contiguous()
+
+    def row_sdpa_out(q, k_cache, v_cache, start_pos, *, out):
+        return out.copy_(row_sdpa(q, k_cache, v_cache, start_pos))
+
+    lib.impl("row_sdpa", row_sdpa, "CompositeExplicitAutograd")
+    lib.impl("row_sdpa.out", row_sdpa_out, "CompositeExplicitAutograd")
+    torch.library.register_fake("layerskip::row_sdpa", lambda q, k_cache, v_cache, start_pos: torch.empty_like(q),
+                                lib=lib)
+    _ROW_SDPA.append(lib)
+
+
+class RowSdpaKVCache(CustomOpKVCache):
+    """--pte-attention row_sdpa: llama::update_cache's cache, attended through our kernel layerskip::row_sdpa
+    (runtime/kernels/row_sdpa.cpp), which gives a query row the same bits whatever the number of rows in the
+    call. Every method attends this way on one set of caches, the full-model method too: greedy
+    self-speculation and lookup equal plain decoding through the fast full call by construction, and a
+    one-row call costs what custom_sdpa's does."""
+
+    def attend_sequence_first(self, q, k, v, positions):
+        """q: [1, T, H, D]; k, v: [1, T, H_kv, D] -> [1, T, H, D]."""
+        start = positions[0].item()
+        torch._check(start >= 0)
+        torch._check(start < self.k.shape[1])
+        torch.ops.llama.update_cache(k, self.k, start)
+        torch.ops.llama.update_cache(v, self.v, start)
+        return torch.ops.layerskip.row_sdpa(q, self.k, self.v, start)
 
 
 class KeyMask:
@@ -187,7 +239,9 @@ def prepare_for_executorch(model: Transformer, max_seq_len: int, attention: str 
     and after the cache ops): the shipped model's full call 0.348 -> 0.328 ms at 8da4w, lowering
     faster (fewer partitions to compile).
 
-    attention "row_invariant" (the default): layers >= exit_layer hold a RowInvariantKVCache, through which
+    attention "row_sdpa" (export.py's default): every layer holds a RowSdpaKVCache, and every method attends
+    through our kernel on one set of caches. "row_invariant" (the default before): layers >= exit_layer hold a
+    RowInvariantKVCache, through which
     the verify method attends. Those are the only layers where a token meets different row counts in the
     two decoders (a d+1-token verify against 1-token calls); drafts are 1-token calls in both, and prompts
     go through in the same chunks. "row_invariant_drafts": every layer does, and the draft method attends
@@ -200,7 +254,12 @@ def prepare_for_executorch(model: Transformer, max_seq_len: int, attention: str 
     model.key_mask_methods = ("draft", "verify", "draft_verify") if attention == "row_invariant_drafts" else ("verify",)
     first_row_invariant = 0 if attention == "row_invariant_drafts" else exit_layer
 
+    if attention == "row_sdpa":
+        define_row_sdpa_op()
+
     def cache(layer: int) -> nn.Module:
+        if attention == "row_sdpa":
+            return RowSdpaKVCache(max_seq_len, c.num_key_value_heads, c.head_dim)
         if model.key_mask is not None and layer >= first_row_invariant:
             return RowInvariantKVCache(max_seq_len, c.num_key_value_heads, c.head_dim, model.key_mask)
         return CustomOpKVCache(max_seq_len, c.num_key_value_heads, c.head_dim)

@@ -501,8 +501,8 @@ def lookup_table(runs: list[dict]) -> list[str]:
                  "where the artifact has draft_verify; a step without one, what followed its last token "
                  "(decoding.default_lookup_fallback), or exit drafts, guessed by cheap calls where the backend has "
                  "them (decoding.default_exit_guesses); greedy output equals plain decoding by construction on "
-                 "artifacts exported with --pad-drafts (.onnx) or --pte-attention row_invariant_drafts (.pte), "
-                 "as measured otherwise):", "",
+                 "artifacts exported with --pad-drafts (.onnx) or --pte-attention row_sdpa / row_invariant_drafts "
+                 "(.pte), as measured otherwise):", "",
              "| artifact | self-spec tok/s | with lookup tok/s | speedup | vs fastest plain | steps drafted by lookup "
              "| acceptance | tokens/step | us/token: lookup steps / after a 1-token match / exit steps / "
              "full-call plain (share of tokens) "

@@ -15,11 +15,17 @@ from runtime.artifact import Manifest, check_fact
 from runtime.errors import UserError
 
 
-def load_program(path):
-    """The program, with the kernels our graphs use registered (custom cache/SDPA ops, quantized ops)."""
+def load_program(path, own_kernels: bool = False):
+    """The program, with the kernels our graphs use registered (custom cache/SDPA ops, quantized ops; with
+    own_kernels, our row_sdpa: runtime/kernels)."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
     from executorch.runtime import Runtime
+
+    if own_kernels:
+        from runtime.kernels import load_row_sdpa
+
+        load_row_sdpa()
 
     try:
         return Runtime.get().load_program(path)
@@ -36,10 +42,11 @@ class ExecuTorchBackend:
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(threads)
-        self.program = load_program(manifest.path("program"))
+        self.program = load_program(manifest.path("program"), own_kernels=manifest.extra.get("attention") == "row_sdpa")
         for fact, expected in (("exit_layer", manifest.exit_layer), ("max_seq_len", manifest.max_seq_len),
                                ("max_tokens_per_call", manifest.max_tokens_per_call)):
             check_fact(manifest, fact, self._constant(fact), expected)
+        self.attention = manifest.extra.get("attention", "")  # export/to_pte.py: row_sdpa, row_invariant, ...
         self.exit_layer = manifest.exit_layer
         self.num_layers = manifest.shape.num_layers
         self.max_seq_len = manifest.max_seq_len

@@ -80,7 +80,7 @@ def parse_args(argv=None):
                    help="also draft up to K tokens by looking up the context's last 2 tokens in the context (prompt "
                         "lookup): one prefix call for all of them; greedy output equal to plain decoding by "
                         "construction on artifacts exported with --pad-drafts (.onnx) or --pte-attention "
-                        f"row_invariant_drafts (.pte), as measured elsewhere (README); 0: off. Default: "
+                        f"row_sdpa or row_invariant_drafts (.pte), as measured elsewhere (README); 0: off. Default: "
                         f"{DEFAULT_LOOKUP} on those artifacts, else off")
     p.add_argument("--lookup-run", type=int, metavar="K",
                    help="with --lookup: draft up to K tokens where the match reaches back further (a repeating run: "

@@ -42,8 +42,15 @@ def int4_pte(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def row_invariant_pte(tiny_checkpoint, tmp_path_factory):
-    """The default attention (row_invariant)."""
+    """The verify method's row-invariant attention in XNNPACK ops (the default until row_sdpa)."""
     return export(tiny_checkpoint, tmp_path_factory.mktemp("rowinv"), quant="int4", group_size=32,
+                  methods=WITH_FUSED_DRAFT, pte_attention="row_invariant")
+
+
+@pytest.fixture(scope="module")
+def row_sdpa_pte(tiny_checkpoint, tmp_path_factory):
+    """The default attention (row_sdpa: our kernel in every method, one set of caches)."""
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("rowsdpa"), quant="int4", group_size=32,
                   methods=WITH_FUSED_DRAFT)
 
 
@@ -54,7 +61,7 @@ def row_invariant_drafts_pte(tiny_checkpoint, tmp_path_factory):
                   pte_attention="row_invariant_drafts")
 
 
-@pytest.mark.parametrize("attention", ["custom_sdpa", "row_invariant", "row_invariant_drafts"])
+@pytest.mark.parametrize("attention", ["custom_sdpa", "row_invariant", "row_invariant_drafts", "row_sdpa"])
 def test_draft_and_verify_match_eager_including_after_rollback(tiny_checkpoint, fp32_pte, attention, tmp_path):
     manifest = fp32_pte if attention == "custom_sdpa" else export(tiny_checkpoint, tmp_path, pte_attention=attention)
     expected = eager_reference(tiny_checkpoint, manifest.exit_layer, manifest.max_seq_len)
@@ -82,7 +89,7 @@ def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invar
     """--pte-attention row_invariant_drafts: a multi-row draft (tokens looked up in the context) leaves each
     row's layer-E state and verify logits with the bits of 1-token drafts, so --lookup equals plain decoding
     by construction; the draft method attends without custom_sdpa. (On this tiny model custom_sdpa's draft
-    rows happen to agree too at these positions; on SmolLM2 they do not, README "Six sessions ago".)"""
+    rows happen to agree too at these positions; on SmolLM2 they do not, README "Seven sessions ago".)"""
     backend = open_artifact(row_invariant_drafts_pte.directory).backend
     (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
     assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
@@ -98,11 +105,76 @@ def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invar
     check_looked_up_drafts_keep_the_tokens(backend, monkeypatch)
 
 
-def test_lookup_is_on_by_default_only_where_it_is_exact(row_invariant_drafts_pte, row_invariant_pte, capsys):
-    """runtime.generate looks drafts up by default on row_invariant_drafts artifacts (their exporter asked for it)."""
+def test_lookup_is_on_by_default_only_where_it_is_exact(row_invariant_drafts_pte, row_invariant_pte, row_sdpa_pte,
+                                                       capsys):
+    """runtime.generate looks drafts up by default on row_invariant_drafts and row_sdpa artifacts."""
     assert generate_cli_lookup(row_invariant_drafts_pte.directory, capsys) == DEFAULT_LOOKUP
     assert generate_cli_lookup(row_invariant_drafts_pte.directory, capsys, "--lookup", "0") == 0
+    assert generate_cli_lookup(row_sdpa_pte.directory, capsys) == DEFAULT_LOOKUP
     assert generate_cli_lookup(row_invariant_pte.directory, capsys) == 0
+
+
+def test_row_sdpa_gives_a_row_the_bits_of_a_one_token_call_in_every_method(row_sdpa_pte, monkeypatch):
+    """--pte-attention row_sdpa (the default): every method attends through our kernel on one set of caches, and
+    a token's exit-cache row and logits have the same bits in a call of any row count as decoded alone, in
+    verify, draft, draft_verify and the full-model call alike. So greedy self-speculation, with or without
+    --lookup, equals plain decoding through the full call by construction."""
+    backend = open_artifact(row_sdpa_pte.directory).backend
+    together, alone = verify_together_and_alone(backend)
+    assert np.array_equal(together, alone)
+    (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
+    assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
+    assert backend.has_draft_verify
+    (rows, logits), (rows_alone, logits_alone) = draft_verify_and_one_by_one(backend)
+    assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
+    # the full-model call: five rows at once, one at a time, and plain decoding's draft + verify calls
+    backend.forward(PROMPT, 0)
+    pos, tokens = len(PROMPT), [5, 6, 7, 8, 9]
+    full_together = np.array(backend.forward(tokens, pos))
+    full_alone = [np.array(backend.forward([t], pos + k)) for k, t in enumerate(tokens)]
+    assert np.array_equal(full_together, full_alone[-1])
+    split = [np.array((backend.draft([t], pos + k), backend.verify(pos + k, 1))[1][0]) for k, t in enumerate(tokens)]
+    assert all(np.array_equal(a, b) for a, b in zip(full_alone, split))
+    layers, exit_layer = row_sdpa_pte.model_config["num_hidden_layers"], row_sdpa_pte.exit_layer
+    for method, attending in (("draft", exit_layer), ("verify", layers - exit_layer), ("forward", layers),
+                              ("draft_verify", layers)):
+        ops = instructions(row_sdpa_pte.path("program"), method)
+        assert ops["layerskip::row_sdpa"] == attending and ops["llama::custom_sdpa"] == 0, method
+    check_looked_up_drafts_keep_the_tokens(backend, monkeypatch)
+
+
+def test_row_sdpa_vectorized_path_matches_eager_and_keeps_rows_at_head_dim_64(tmp_path_factory):
+    """The kernel's AVX2 path (head_dim 32 / 64 / 128; the tiny model's 16 takes the portable loop), with two
+    query heads per KV head: exported logits match eager, and rows keep their bits in calls of 1 and 5 rows."""
+    from conftest import tiny_model, write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path_factory.mktemp("d64") / "ckpt",
+                                  tiny_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1))
+    manifest = export(checkpoint, tmp_path_factory.mktemp("d64pte"), methods=("draft", "verify", "forward"))
+    assert manifest.extra["attention"] == "row_sdpa" and manifest.shape.head_dim == 64
+    backend = open_artifact(manifest.directory).backend
+    expected = eager_reference(checkpoint, manifest.exit_layer, manifest.max_seq_len)
+    assert max_diff(call_sequence(backend), expected) <= 1e-4
+    together, alone = verify_together_and_alone(backend)
+    assert np.array_equal(together, alone)
+    context = PROMPT * 4  # past the kernel's first block of 32 keys, in calls of at most 16 tokens
+    for start in range(0, len(context), 16):
+        backend.forward(context[start:start + 16], start)
+    pos, tokens = len(context), [5, 6, 7, 8, 9]
+    full_together = np.array(backend.forward(tokens, pos))
+    assert np.array_equal(full_together, [np.array(backend.forward([t], pos + k)) for k, t in enumerate(tokens)][-1])
+
+
+def test_the_row_sdpa_kernel_is_built_once_and_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    from runtime import kernels
+
+    built = kernels.library()
+    assert built.exists() and kernels.library() == built  # cached: the second call builds nothing
+    monkeypatch.setenv("LAYERSKIP_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(UserError, match="no C\\+\\+ compiler 'no-such-compiler' was found: install g\\+\\+"):
+        kernels.library()
+    assert not (tmp_path / "kernels").exists()  # nothing half-built left
 
 
 def test_row_invariant_drafts_refuse_the_fused_draft(tiny_checkpoint):
@@ -120,7 +192,7 @@ def test_full_model_method_matches_eager(tiny_checkpoint, fp32_pte):
     assert np.abs(backend.forward(PROMPT, 0) - expected).max() <= 1e-4
 
 
-@pytest.mark.parametrize("which", ["fp32_pte", "int4_pte", "row_invariant_pte"])
+@pytest.mark.parametrize("which", ["fp32_pte", "int4_pte", "row_invariant_pte", "row_sdpa_pte"])
 def test_greedy_self_speculation_equals_autoregressive_on_the_pte(which, request):
     opened = open_artifact(request.getfixturevalue(which).directory)
     ar = generate(opened.backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False))
@@ -453,7 +525,7 @@ def test_export_cli_rejects_bad_input_in_one_line(tiny_checkpoint, tmp_path, fla
 
 
 def test_an_unknown_pte_attention_is_a_clear_error(tiny_checkpoint, tmp_path):
-    with pytest.raises(UserError, match="--pte-attention 'fast' is unknown; use one of row_invariant, row_invariant_drafts, custom_sdpa"):
+    with pytest.raises(UserError, match="--pte-attention 'fast' is unknown; use one of row_invariant, row_invariant_drafts, row_sdpa, custom_sdpa"):
         ExportConfig(model=tiny_checkpoint, out=tmp_path, pte_attention="fast")
 
 

@@ -453,8 +453,10 @@ def test_for_lookup_exports_a_checkpoint_without_layerskip_training(tmp_path, ca
 @pytest.mark.parametrize("backend,pad_drafts", [("onnx", True), ("xnnpack", False), ("all", True)])
 def test_for_lookup_sets_what_makes_each_target_exact(tiny_checkpoint, backend, pad_drafts):
     cfg = ExportConfig(model=tiny_checkpoint, backend=backend, for_lookup=True)
-    assert (cfg.pte_attention, cfg.pad_drafts, cfg.exact_lookup) == ("row_invariant_drafts", pad_drafts, True)
-    with pytest.raises(UserError, match="--for-lookup needs the row-invariant attention"):
+    assert (cfg.pte_attention, cfg.pad_drafts, cfg.exact_lookup) == ("row_sdpa", pad_drafts, True)
+    cfg = ExportConfig(model=tiny_checkpoint, backend=backend, for_lookup=True, pte_attention="row_invariant")
+    assert (cfg.pte_attention, cfg.exact_lookup) == ("row_invariant_drafts", True)
+    with pytest.raises(UserError, match="--for-lookup needs a row-invariant attention"):
         ExportConfig(model=tiny_checkpoint, backend=backend, for_lookup=True, pte_attention="custom_sdpa")
 
 
@@ -473,9 +475,11 @@ def test_the_one_call_lookup_method_is_for_small_models_exported_for_exact_looku
     for target in ("onnx", "pte"):
         assert both.methods_for(target, small) == ["draft", "verify", "forward", "draft_verify"]
         assert both.methods_for(target, large) == ["draft", "verify", "forward"]
-    padded_only = ExportConfig(backend="all", pad_drafts=True)  # the .pte's drafts are not row-invariant there
+    # the .pte's drafts are not row-invariant with --pte-attention row_invariant; with row_sdpa, the default, they are
+    padded_only = ExportConfig(backend="all", pad_drafts=True, pte_attention="row_invariant")
     assert padded_only.methods_for("onnx", small)[-1] == "draft_verify"
     assert "draft_verify" not in padded_only.methods_for("pte", small)
+    assert ExportConfig(backend="xnnpack").methods_for("pte", small)[-1] == "draft_verify"
     assert "draft_verify" not in ExportConfig(backend="all").methods_for("onnx", small)
     opted_out = ExportConfig(backend="all", for_lookup=True, draft_verify=False)
     assert "draft_verify" not in opted_out.methods_for("onnx", small)

@@ -1,7 +1,7 @@
 """Probe: the cost of one draft_verify call (a lookup step) by its row count, at one position, calls taking turns
 round by round in one process (call_costs.interleaved: medians of 12 rounds of 40 calls; ONNX rows padded as the
-runtime pads them); beside them a one-row draft call, and where the backend has one its cheap draft call (draft_guess:
-ONNX Runtime unpadded).
+runtime pads them); beside them a one-row draft call, plain decoding's one-row full call, and where the backend has
+one its cheap draft call (draft_guess: ONNX Runtime unpadded).
 
     taskset -c 0 python results/probes/draft_verify_rows.py ART [--position 250] [--rows 1 2 4 6]
 """
@@ -24,6 +24,7 @@ def main() -> None:
     backend = open_artifact(a.artifact, threads=1, preload=None).backend
     calls = {f"{r} rows": (lambda r=r: backend.draft_verify([5] * r, a.position)) for r in a.rows}
     calls["draft 1 row"] = lambda: backend.draft([5], a.position)
+    calls["forward 1 row"] = lambda: backend.forward([5], a.position)  # plain decoding's full call
     if getattr(backend, "has_draft_guess", False):
         calls["draft_guess 1 row"] = lambda: backend.draft_guess([5], a.position)
     costs = interleaved(calls, n=40, rounds=12)
