@@ -52,6 +52,10 @@ class CustomOpKVCache(nn.Module):
         torch._check(start < self.k.shape[1])
         torch.ops.llama.update_cache(k, self.k, start)
         torch.ops.llama.update_cache(v, self.v, start)
+        return self.attend(q, start)
+
+    def attend(self, q, start):
+        """q: [1, T, H, D] at positions start .. start+T-1, over the written cache -> [1, T, H, D]."""
         return torch.ops.llama.custom_sdpa(q, self.k, self.v, start, None, 0, True)
 
 
@@ -96,13 +100,7 @@ class RowSdpaKVCache(CustomOpKVCache):
     self-speculation and lookup equal plain decoding through the fast full call by construction, and a
     one-row call costs what custom_sdpa's does."""
 
-    def attend_sequence_first(self, q, k, v, positions):
-        """q: [1, T, H, D]; k, v: [1, T, H_kv, D] -> [1, T, H, D]."""
-        start = positions[0].item()
-        torch._check(start >= 0)
-        torch._check(start < self.k.shape[1])
-        torch.ops.llama.update_cache(k, self.k, start)
-        torch.ops.llama.update_cache(v, self.v, start)
+    def attend(self, q, start):
         return torch.ops.layerskip.row_sdpa(q, self.k, self.v, start)
 
 
