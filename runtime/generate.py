@@ -90,7 +90,7 @@ def parse_args(argv=None):
                    help="with --lookup: where the last 2 tokens never occurred before but the last token did, draft "
                         "up to K tokens that followed it (0: draft from the exit there). Default: 1 on .onnx "
                         "artifacts (the padding row of an exact one-row call) without --exit-guesses, 5 on .pte "
-                        "artifacts with draft_verify, else 0")
+                        "artifacts with draft_verify and the row_invariant_drafts attention, else 0")
     p.add_argument("--exit-guesses", type=int, metavar="N",
                    help="a step drafting from the exit drafts N tokens by cheap draft calls (ONNX Runtime's unpadded "
                         "one) and verifies them with their prefix in one draft_verify call, which computes their rows "
