@@ -42,11 +42,11 @@ class ExecuTorchBackend:
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(threads)
-        self.program = load_program(manifest.path("program"), own_kernels=manifest.extra.get("attention") == "row_sdpa")
+        self.attention = manifest.extra.get("attention", "")  # export/to_pte.py: row_sdpa, row_invariant, ...
+        self.program = load_program(manifest.path("program"), own_kernels=self.attention == "row_sdpa")
         for fact, expected in (("exit_layer", manifest.exit_layer), ("max_seq_len", manifest.max_seq_len),
                                ("max_tokens_per_call", manifest.max_tokens_per_call)):
             check_fact(manifest, fact, self._constant(fact), expected)
-        self.attention = manifest.extra.get("attention", "")  # export/to_pte.py: row_sdpa, row_invariant, ...
         self.exit_layer = manifest.exit_layer
         self.num_layers = manifest.shape.num_layers
         self.max_seq_len = manifest.max_seq_len

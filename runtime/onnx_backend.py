@@ -272,8 +272,9 @@ class OnnxBackend:
     def draft_guess(self, tokens, pos):
         """The exit logits [V] of a draft call unpadded (draft_rows), where draft() pads it (--pad-drafts): at one
         row ONNX Runtime's fast path, 132 vs 190 us at position 250 on the shipped model at int4
-        (results/probe_exit_guesses.txt), with other bits than the padded call's. Only for drafts whose rows a draft_verify call computes again before anything
-        reads them (decoding.exit_guess_step: it starts at the same position and covers these rows)."""
+        (results/probe_exit_guesses.txt), with other bits than the padded call's. Only for drafts whose rows a
+        draft_verify call computes again before anything reads them (decoding.exit_guess_step: it starts at the
+        same position and covers these rows)."""
         return self.draft_rows(tokens, pos)
 
     @property

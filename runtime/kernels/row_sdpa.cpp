@@ -105,7 +105,7 @@ void attend_queries_avx2(const float* const* q, const int64_t* n, int64_t count,
         if (j + 4 <= n[i]) {
           _mm_storeu_ps(wi + j, s);
           m = _mm_max_ps(m, s);
-        } else {  // the last keys: their scores; for the max, key j's score in the fillers' places
+        } else {  // the last keys: their scores, and the max over them only
           alignas(16) float four[4];
           _mm_store_ps(four, s);
           for (int64_t t = 0; t < n[i] - j; ++t) {
