@@ -165,6 +165,24 @@ def test_row_sdpa_vectorized_path_matches_eager_and_keeps_rows_at_head_dim_64(tm
     assert np.array_equal(full_together, [np.array(backend.forward([t], pos + k)) for k, t in enumerate(tokens)][-1])
 
 
+@pytest.mark.parametrize("flags", [(), ("-mno-avx512f",)], ids=["native", "avx2"])
+def test_row_sdpa_attention_keeps_its_bits_across_row_counts_and_cache_alignment(flags, tmp_path):
+    """tests/row_sdpa_check.cpp drives the kernel's attention directly: rows keep their bits in calls of any row
+    count, whatever the caches' offset from a 64-byte line (the AVX-512 path's aligned loads, 0..15 floats), and
+    match attention in double; head_dim 16 / 32 / 64 / 128. Built as the machine targets it, and forced to AVX2."""
+    from runtime import kernels
+
+    if flags and "avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("the native build is the AVX2 one here")
+    include, lib, _ = kernels.executorch_dirs()
+    program = tmp_path / "row_sdpa_check"
+    source = Path(__file__).with_name("row_sdpa_check.cpp")
+    subprocess.run(kernels.compile_command("g++", include, lib, program, source, shared=False, flags=flags),
+                   check=True)
+    done = subprocess.run([str(program)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout
+
+
 def test_the_row_sdpa_kernel_is_built_once_and_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
     from runtime import kernels
 

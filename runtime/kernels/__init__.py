@@ -31,7 +31,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYERSKIP_KERNEL_DIR", default))
 
 
-def _executorch_dirs() -> tuple[Path, Path, str]:
+def executorch_dirs() -> tuple[Path, Path, str]:
     import executorch
     from executorch.version import __version__
 
@@ -39,17 +39,19 @@ def _executorch_dirs() -> tuple[Path, Path, str]:
     return root / "include", root / "lib", __version__
 
 
-def compile_command(compiler: str, include: Path, lib: Path, out: Path) -> list[str]:
+def compile_command(compiler: str, include: Path, lib: Path, out: Path, source: Path = SOURCE,
+                    shared: bool = True, flags: tuple[str, ...] = ()) -> list[str]:
+    """The kernel library's build line (or, shared=False, a program's that includes the kernel's source)."""
     # -march=native: the library is built on the machine that runs it (the cache key names the machine)
-    return [compiler, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-DC10_USING_CUSTOM_GENERATED_MACROS",
-            "-DET_USE_THREADPOOL",
-            f"-I{include}", f"-I{include / 'executorch/runtime/core/portable_type/c10'}", str(SOURCE),
+    return [compiler, "-O3", "-march=native", *flags, "-std=c++17", *(["-fPIC", "-shared"] if shared else []),
+            "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_USE_THREADPOOL",
+            f"-I{include}", f"-I{include / 'executorch/runtime/core/portable_type/c10'}", str(source),
             f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}", "-o", str(out)]
 
 
 def library() -> Path:
     """The built kernel library, compiled now if this source, executorch and machine have none yet."""
-    include, lib, version = _executorch_dirs()
+    include, lib, version = executorch_dirs()
     compiler = os.environ.get("CXX", "g++")
     key = hashlib.sha256(SOURCE.read_bytes() + f"{version} {platform.machine()} {_cpu_model()} {compiler}".encode())
     out = cache_dir() / f"librow_sdpa-{key.hexdigest()[:16]}.so"
