@@ -9,7 +9,8 @@
 // a portable loop otherwise. Which path runs is fixed per build, so all calls of a process agree. ExecuTorch's
 // planned buffers sit 16 bytes past a 64-byte line (glibc's large allocations), where every 64-byte load of a
 // cache row would straddle two lines: the AVX-512 path reads rows by aligned loads shifted in registers
-// (load_row), which moves bytes only, so the bits do not depend on where the cache lies.
+// (load_row), and with several queries per KV head copies each block of rows once to an aligned buffer; both
+// move bytes only, so the bits do not depend on where the cache lies.
 //
 // q: [1, T, H, D]; k_cache, v_cache: [1, S, H_kv, D] (llama::update_cache's layout, rows < start_pos + T
 // written); out: [1, T, H, D]. fp32. Query head h reads KV head h / (H / H_kv).
@@ -250,81 +251,120 @@ inline void load_row(const float* p, __m512* r) {
   }
 }
 
-// scores, 8 keys at a time: w[i][j] = scale * q_i . k_j for j < n_i; maxes: per query 8 running maxes by key % 8
+// The scores of keys [block, block + KEY_BLOCK) for every query, 8 keys at a time: w[i][j] = scale * q_i . k_j
+// for j < n_i; maxes: per query 8 running maxes by key % 8. Key j's row is at rows + (j - block) * stride.
 template <int C, int M>
-void scores_avx512(const float* const* q, const int64_t* n, int64_t count, int64_t keys, const float* k,
-                   int64_t stride, int64_t cache_rows, float scale, float* w, float* maxes) {
-  for (int64_t block = 0; block < keys; block += KEY_BLOCK) {
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t end = block + KEY_BLOCK < n[i] ? block + KEY_BLOCK : n[i];
-      if (block >= end) continue;
-      __m512 qc[C];
-      for (int c = 0; c < C; ++c) qc[c] = _mm512_loadu_ps(q[i] + 16 * c);
-      float* wi = w + i * cache_rows;
-      __m256 m = _mm256_loadu_ps(maxes + i * 8);
-      for (int64_t j = block; j < end; j += 8) {
-        __m512 a[8];
-        for (int t = 0; t < 8; ++t) {
-          __m512 kr[C];
-          load_row<C, M>(j + t < n[i] ? k + (j + t) * stride : k, kr);
-          a[t] = _mm512_mul_ps(qc[0], kr[0]);
-          for (int c = 1; c < C; ++c) a[t] = _mm512_fmadd_ps(qc[c], kr[c], a[t]);
-        }
-        const __m256 s = _mm256_mul_ps(hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
-        if (j + 8 <= n[i]) {
-          _mm256_storeu_ps(wi + j, s);
-          m = _mm256_max_ps(m, s);
-        } else {  // the last keys: their scores, and the max over them only
-          alignas(32) float eight[8];
-          _mm256_store_ps(eight, s);
-          for (int64_t t = 0; t < n[i] - j; ++t) {
-            wi[j + t] = eight[t];
-            m = _mm256_max_ps(m, _mm256_set1_ps(eight[t]));
-          }
+void block_scores(const float* const* q, const int64_t* n, int64_t count, int64_t block, const float* rows,
+                  int64_t stride, int64_t cache_rows, float scale, float* w, float* maxes) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t end = block + KEY_BLOCK < n[i] ? block + KEY_BLOCK : n[i];
+    if (block >= end) continue;
+    __m512 qc[C];
+    for (int c = 0; c < C; ++c) qc[c] = _mm512_loadu_ps(q[i] + 16 * c);
+    float* wi = w + i * cache_rows;
+    __m256 m = _mm256_loadu_ps(maxes + i * 8);
+    for (int64_t j = block; j < end; j += 8) {
+      __m512 a[8];
+      for (int t = 0; t < 8; ++t) {  // past n, the block's first key fills in (its score is dropped)
+        __m512 kr[C];
+        load_row<C, M>(j + t < n[i] ? rows + (j + t - block) * stride : rows, kr);
+        a[t] = _mm512_mul_ps(qc[0], kr[0]);
+        for (int c = 1; c < C; ++c) a[t] = _mm512_fmadd_ps(qc[c], kr[c], a[t]);
+      }
+      const __m256 s = _mm256_mul_ps(hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
+      if (j + 8 <= n[i]) {
+        _mm256_storeu_ps(wi + j, s);
+        m = _mm256_max_ps(m, s);
+      } else {  // the last keys: their scores, and the max over them only
+        alignas(32) float eight[8];
+        _mm256_store_ps(eight, s);
+        for (int64_t t = 0; t < n[i] - j; ++t) {
+          wi[j + t] = eight[t];
+          m = _mm256_max_ps(m, _mm256_set1_ps(eight[t]));
         }
       }
-      _mm256_storeu_ps(maxes + i * 8, m);
+    }
+    _mm256_storeu_ps(maxes + i * 8, m);
+  }
+}
+
+// acc_i += sum_j w_ij V_j over keys [block, block + KEY_BLOCK), key j into sum j % 2 (two sums of 16 * C floats
+// per query). Key j's row is at rows + (j - block) * stride.
+template <int C, int M>
+void block_values(const int64_t* n, int64_t count, int64_t block, const float* rows, int64_t stride,
+                  int64_t cache_rows, const float* w, float* acc) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t end = block + KEY_BLOCK < n[i] ? block + KEY_BLOCK : n[i];
+    if (block >= end) continue;
+    const float* wi = w + i * cache_rows;
+    float* ai = acc + i * 2 * 16 * C;
+    __m512 a0[C], a1[C];
+    for (int c = 0; c < C; ++c) {
+      a0[c] = _mm512_loadu_ps(ai + 16 * c);
+      a1[c] = _mm512_loadu_ps(ai + 16 * (C + c));
+    }
+    int64_t j = block;
+    for (; j + 2 <= end; j += 2) {
+      __m512 v0[C], v1[C];
+      load_row<C, M>(rows + (j - block) * stride, v0);
+      load_row<C, M>(rows + (j + 1 - block) * stride, v1);
+      const __m512 w0 = _mm512_set1_ps(wi[j]), w1 = _mm512_set1_ps(wi[j + 1]);
+      for (int c = 0; c < C; ++c) {
+        a0[c] = _mm512_fmadd_ps(w0, v0[c], a0[c]);
+        a1[c] = _mm512_fmadd_ps(w1, v1[c], a1[c]);
+      }
+    }
+    if (j < end) {  // an odd n's last key (blocks are even)
+      __m512 v0[C];
+      load_row<C, M>(rows + (j - block) * stride, v0);
+      const __m512 w0 = _mm512_set1_ps(wi[j]);
+      for (int c = 0; c < C; ++c) a0[c] = _mm512_fmadd_ps(w0, v0[c], a0[c]);
+    }
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(ai + 16 * c, a0[c]);
+      _mm512_storeu_ps(ai + 16 * (C + c), a1[c]);
     }
   }
 }
 
-// acc_i += sum_j w_ij V_j, key j into sum j % 2 (two sums of 16 * C floats per query)
+// Both phases block by block over a cache whose rows sit M floats past a 64-byte line. With PACK_QUERIES queries or
+// more, a misaligned block is first copied to an aligned buffer (shifted once, then read by every query from L1;
+// fewer queries measured faster shifting each row as they read it). Only where the rows are read from differs.
+constexpr int64_t PACK_QUERIES = 4;
+
+template <int C, int M>
+void scores_avx512(const float* const* q, const int64_t* n, int64_t count, int64_t keys, const float* k,
+                   int64_t stride, int64_t cache_rows, float scale, float* w, float* maxes, float* packed) {
+  for (int64_t block = 0; block < keys; block += KEY_BLOCK) {
+    if (M == 0 || count < PACK_QUERIES) {
+      block_scores<C, M>(q, n, count, block, k + block * stride, stride, cache_rows, scale, w, maxes);
+      continue;
+    }
+    const int64_t rows = keys - block < KEY_BLOCK ? keys - block : KEY_BLOCK;
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 kr[C];
+      load_row<C, M>(k + (block + r) * stride, kr);
+      for (int c = 0; c < C; ++c) _mm512_store_ps(packed + r * 16 * C + 16 * c, kr[c]);
+    }
+    block_scores<C, 0>(q, n, count, block, packed, 16 * C, cache_rows, scale, w, maxes);
+  }
+}
+
 template <int C, int M>
 void values_avx512(const int64_t* n, int64_t count, int64_t keys, const float* v, int64_t stride,
-                   int64_t cache_rows, const float* w, float* acc) {
+                   int64_t cache_rows, const float* w, float* acc, float* packed) {
   for (int64_t block = 0; block < keys; block += KEY_BLOCK) {
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t end = block + KEY_BLOCK < n[i] ? block + KEY_BLOCK : n[i];
-      if (block >= end) continue;
-      const float* wi = w + i * cache_rows;
-      float* ai = acc + i * 2 * 16 * C;
-      __m512 a0[C], a1[C];
-      for (int c = 0; c < C; ++c) {
-        a0[c] = _mm512_loadu_ps(ai + 16 * c);
-        a1[c] = _mm512_loadu_ps(ai + 16 * (C + c));
-      }
-      int64_t j = block;
-      for (; j + 2 <= end; j += 2) {
-        __m512 v0[C], v1[C];
-        load_row<C, M>(v + j * stride, v0);
-        load_row<C, M>(v + (j + 1) * stride, v1);
-        const __m512 w0 = _mm512_set1_ps(wi[j]), w1 = _mm512_set1_ps(wi[j + 1]);
-        for (int c = 0; c < C; ++c) {
-          a0[c] = _mm512_fmadd_ps(w0, v0[c], a0[c]);
-          a1[c] = _mm512_fmadd_ps(w1, v1[c], a1[c]);
-        }
-      }
-      if (j < end) {  // an odd n's last key (blocks are even)
-        __m512 v0[C];
-        load_row<C, M>(v + j * stride, v0);
-        const __m512 w0 = _mm512_set1_ps(wi[j]);
-        for (int c = 0; c < C; ++c) a0[c] = _mm512_fmadd_ps(w0, v0[c], a0[c]);
-      }
-      for (int c = 0; c < C; ++c) {
-        _mm512_storeu_ps(ai + 16 * c, a0[c]);
-        _mm512_storeu_ps(ai + 16 * (C + c), a1[c]);
-      }
+    if (M == 0 || count < PACK_QUERIES) {
+      block_values<C, M>(n, count, block, v + block * stride, stride, cache_rows, w, acc);
+      continue;
     }
+    const int64_t rows = keys - block < KEY_BLOCK ? keys - block : KEY_BLOCK;
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 vr[C];
+      load_row<C, M>(v + (block + r) * stride, vr);
+      for (int c = 0; c < C; ++c) _mm512_store_ps(packed + r * 16 * C + 16 * c, vr[c]);
+    }
+    block_values<C, 0>(n, count, block, packed, 16 * C, cache_rows, w, acc);
   }
 }
 
@@ -346,7 +386,10 @@ void attend_queries_avx512(const float* const* q, const int64_t* n, int64_t coun
   sums.resize(count);
   // every row of a head is as far from a 64-byte boundary as the first (stride and head offsets: 64-byte multiples)
   const int mk = stride % 16 == 0 ? misalignment(k) : -1, mv = stride % 16 == 0 ? misalignment(v) : -1;
-#define ROW_SDPA_SCORES(M) scores_avx512<C, M>(q, n, count, keys, k, stride, cache_rows, scale, w, maxes.data())
+  thread_local std::vector<float> room(KEY_BLOCK * 16 * C + 16);  // a block of rows, 64-byte aligned
+  float* packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(room.data()) + 63) / 64 * 64);
+#define ROW_SDPA_SCORES(M) \
+  scores_avx512<C, M>(q, n, count, keys, k, stride, cache_rows, scale, w, maxes.data(), packed)
   switch (mk) {
     case 0: ROW_SDPA_SCORES(0); break;
     case 4: ROW_SDPA_SCORES(4); break;
@@ -381,7 +424,7 @@ void attend_queries_avx512(const float* const* q, const int64_t* n, int64_t coun
     sums[i] = sum;
   }
   for (int64_t i = 0; i < count * 2 * 16 * C; ++i) acc[i] = 0.f;
-#define ROW_SDPA_VALUES(M) values_avx512<C, M>(n, count, keys, v, stride, cache_rows, w, acc)
+#define ROW_SDPA_VALUES(M) values_avx512<C, M>(n, count, keys, v, stride, cache_rows, w, acc, packed)
   switch (mv) {
     case 0: ROW_SDPA_VALUES(0); break;
     case 4: ROW_SDPA_VALUES(4); break;
