@@ -89,7 +89,7 @@ def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invar
     """--pte-attention row_invariant_drafts: a multi-row draft (tokens looked up in the context) leaves each
     row's layer-E state and verify logits with the bits of 1-token drafts, so --lookup equals plain decoding
     by construction; the draft method attends without custom_sdpa. (On this tiny model custom_sdpa's draft
-    rows happen to agree too at these positions; on SmolLM2 they do not, README "Seven sessions ago".)"""
+    rows happen to agree too at these positions; on SmolLM2 they do not, README "Eight sessions ago".)"""
     backend = open_artifact(row_invariant_drafts_pte.directory).backend
     (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
     assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
@@ -144,8 +144,9 @@ def test_row_sdpa_gives_a_row_the_bits_of_a_one_token_call_in_every_method(row_s
 
 
 def test_row_sdpa_vectorized_path_matches_eager_and_keeps_rows_at_head_dim_64(tmp_path_factory):
-    """The kernel's AVX2 path (head_dim 32 / 64 / 128; the tiny model's 16 takes the portable loop), with two
-    query heads per KV head: exported logits match eager, and rows keep their bits in calls of 1 and 5 rows."""
+    """The kernel's vectorized path (AVX-512 or AVX2, head_dim 32 / 64 / 128; the tiny model's 16 takes the portable
+    loop), with two query heads per KV head, in a real .pte and its caches: exported logits match eager, and rows keep
+    their bits in calls of 1 and 5 rows."""
     from conftest import tiny_model, write_checkpoint
 
     checkpoint = write_checkpoint(tmp_path_factory.mktemp("d64") / "ckpt",
