@@ -5,12 +5,12 @@
 // self-speculation equals plain decoding by construction, at the cost of plain attention.
 // (llama::custom_sdpa picks its blocking by the number of query rows, so its rows do not.)
 //
-// Paths: AVX-512 (16 lanes) where the compiler targets it, else AVX2/FMA (8 lanes), for head_dim 32 / 64 / 128;
-// a portable loop otherwise. Which path runs is fixed per build, so all calls of a process agree. ExecuTorch's
-// planned buffers sit 16 bytes past a 64-byte line (glibc's large allocations), where every 64-byte load of a
-// cache row would straddle two lines: the AVX-512 path reads rows by aligned loads shifted in registers
-// (load_row), and with several queries per KV head copies each block of rows once to an aligned buffer; both
-// move bytes only, so the bits do not depend on where the cache lies.
+// Paths: one attention written over a lane width (Lanes16: AVX-512, where the compiler targets it; else Lanes8:
+// AVX2/FMA), for head_dim 32 / 64 / 128; a portable loop otherwise. The width fixes every reduction order and a build
+// has one, so all calls of a process agree. ExecuTorch's planned buffers sit 16 bytes past a 64-byte line (glibc's
+// large allocations), where a 64-byte load of a cache row straddles two lines: the AVX-512 path reads rows by aligned
+// loads shifted in registers (load_row), and with several queries per KV head each block of rows is copied once to
+// an aligned buffer; both move bytes only, so the bits do not depend on where the cache lies.
 //
 // q: [1, T, H, D]; k_cache, v_cache: [1, S, H_kv, D] (llama::update_cache's layout, rows < start_pos + T
 // written); out: [1, T, H, D]. fp32. Query head h reads KV head h / (H / H_kv).
@@ -43,242 +43,184 @@ inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairs
   return _mm_cvtss_f32(s);
 }
 
+// The vector operations the attention below is written in, for 8 lanes (AVX2/FMA) and 16 (AVX-512). A width fixes
+// every reduction order, and one build uses one width, so all calls of a process agree.
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int N = 8;
+  static constexpr bool shifts_rows = false;  // no cross-lane shift by an immediate: unaligned rows are read as such
+  static V load(const float* p) { return _mm256_load_ps(p); }
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_store_ps(p, v); }
+  static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V floor(V x) { return _mm256_floor_ps(x); }
+  static V pow2(V n) {  // 2^n for integral n in the float exponent's range
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  static float sum(V v) { return hsum(v); }
+  static V load_first(const float* p, int64_t count) {  // p[0 .. count), zeros after
+    alignas(32) float part[N] = {};
+    for (int64_t t = 0; t < count; ++t) part[t] = p[t];
+    return _mm256_load_ps(part);
+  }
+  template <int M>
+  static V shifted(V lo, V) { return lo; }  // unused (shifts_rows is false)
+  // The eight sums of a0..a7's lanes, each by the same tree: [sum a0, ..., sum a7].
+  static __m256 sums8(V a0, V a1, V a2, V a3, V a4, V a5, V a6, V a7) {
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h4, 0x20), _mm256_permute2f128_ps(h0, h4, 0x31));
+  }
+};
+#endif
+
+#if defined(ROW_SDPA_AVX2) && defined(__AVX512F__) && defined(__AVX512DQ__)
+#define ROW_SDPA_AVX512 1
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int N = 16;
+  static constexpr bool shifts_rows = true;
+  static V load(const float* p) { return _mm512_load_ps(p); }
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_store_ps(p, v); }
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V floor(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  static V pow2(V n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  static float sum(V v) { return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1))); }
+  static V load_first(const float* p, int64_t count) {  // p[0 .. count), zeros after
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+  }
+  // lanes M .. 15 of lo, then 0 .. M - 1 of hi (two neighbouring aligned lines -> the 16 floats from lo + M)
+  template <int M>
+  static V shifted(V lo, V hi) {
+    return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), M));
+  }
+  static __m256 sums8(V a0, V a1, V a2, V a3, V a4, V a5, V a6, V a7) {
+    // 16 -> 8 lanes: b01 = [a0 (quads 0+2, 1+3), a1 (...)]
+    const __m512 b01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 b23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    const __m512 b45 = _mm512_add_ps(_mm512_shuffle_f32x4(a4, a5, 0x44), _mm512_shuffle_f32x4(a4, a5, 0xEE));
+    const __m512 b67 = _mm512_add_ps(_mm512_shuffle_f32x4(a6, a7, 0x44), _mm512_shuffle_f32x4(a6, a7, 0xEE));
+    // 8 -> 4 lanes: quad i of c0 = a_i folded to 4 lanes (i = 0..3), of c4 = a_{4+i}
+    const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b01, b23, 0x88), _mm512_shuffle_f32x4(b01, b23, 0xDD));
+    const __m512 c4 = _mm512_add_ps(_mm512_shuffle_f32x4(b45, b67, 0x88), _mm512_shuffle_f32x4(b45, b67, 0xDD));
+    // 4 -> 1: per quad i, r = [c0[0]+c0[2], c4[0]+c4[2], c0[1]+c0[3], c4[1]+c4[3]], then lanes 0+2 and 1+3
+    const __m512 r = _mm512_add_ps(_mm512_unpacklo_ps(c0, c4), _mm512_unpackhi_ps(c0, c4));
+    const __m512 s = _mm512_add_ps(r, _mm512_permute_ps(r, 0x4E));  // quad i: [sum a_i, sum a_{4+i}, ...]
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, s));
+  }
+};
+#endif
+
+#ifdef ROW_SDPA_AVX2
 // exp for x <= 0 (Cephes' polynomial, as in avx_mathfun): ~1 ulp, and the same bits for the same x.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 z = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+template <class L>
+typename L::V exp_nonpositive(typename L::V x) {
+  using V = typename L::V;
+  x = L::max(x, L::set1(-87.3365f));
+  const V n = L::floor(L::fmadd(x, L::set1(1.44269504088896341f), L::set1(0.5f)));
+  x = L::fnmadd(n, L::set1(0.693359375f), x);
+  x = L::fnmadd(n, L::set1(-2.12194440e-4f), x);
+  V y = L::set1(1.9875691500E-4f);
+  for (const float c : {1.3981999507E-3f, 8.3334519073E-3f, 4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f})
+    y = L::fmadd(y, x, L::set1(c));
+  y = L::fmadd(y, L::mul(x, x), L::add(x, L::set1(1.0f)));
+  return L::mul(y, L::pow2(n));
 }
 #endif
 
 #ifdef ROW_SDPA_AVX2
-// The four sums of a0..a3's lanes, each added in the same order: [sum a0, sum a1, sum a2, sum a3].
-inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
-// Queries of one KV head, d = 8 * C: for each query i, out_i = softmax(q_i . K[0 .. n_i) * scale) @ V[0 .. n_i).
-// Keys go in blocks of KEY_BLOCK that every query reads while they are in the L1 cache; inside one query,
-// scores go four keys at a time (a last group of fewer reads key 0 in the missing places and drops those
-// scores) and values two at a time (even and odd keys in two sums, added at the end), so what a query
-// computes depends only on its n (position + 1), never on the other queries of the call.
+// Queries of one KV head, d = L::N * C: for each query i, out_i = softmax(q_i . K[0 .. n_i) * scale) @ V[0 .. n_i).
+// Keys go in blocks of KEY_BLOCK that every query reads while they are in the L1 cache; inside one query, scores go
+// eight keys at a time (a last group of fewer reads the block's first key in the missing places and drops those
+// scores), exp and its sum L::N keys at a time, values two at a time (even and odd keys in two sums, added at the
+// end), so what a query computes depends only on its n (position + 1), never on the other queries of the call.
 constexpr int64_t KEY_BLOCK = 32;  // a multiple of 8: 8 KB of K (and of V) per block at d = 64
+// With this many queries or more, a block of misaligned rows is first copied to an aligned buffer once (then read
+// by every query from L1); fewer measured faster reading the rows where they lie (2 rows of 4 heads:
+// 7.15 vs 7.73 us per layer at 250 keys).
+constexpr int64_t PACK_QUERIES = 4;
 
-template <int C>
-void attend_queries_avx2(const float* const* q, const int64_t* n, int64_t count, const float* k, const float* v,
-                         int64_t stride, int64_t cache_rows, float scale, float* w, float* acc,
-                         float* const* out) {
-  const int64_t keys = n[count - 1] > n[0] ? n[count - 1] : n[0];
-  thread_local std::vector<float> maxes, sums;  // per query: 4 running maxes (by key % 4), then the sum
-  maxes.assign(count * 4, -INFINITY);
-  sums.resize(count);
-  for (int64_t block = 0; block < keys; block += KEY_BLOCK) {
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t end = block + KEY_BLOCK < n[i] ? block + KEY_BLOCK : n[i];
-      if (block >= end) continue;
-      __m256 qc[C];
-      for (int c = 0; c < C; ++c) qc[c] = _mm256_loadu_ps(q[i] + 8 * c);
-      float* wi = w + i * cache_rows;
-      __m128 m = _mm_loadu_ps(&maxes[i * 4]);
-      for (int64_t j = block; j < end; j += 4) {
-        const float* k0 = k + j * stride;
-        const float* k1 = j + 1 < n[i] ? k0 + stride : k;
-        const float* k2 = j + 2 < n[i] ? k0 + 2 * stride : k;
-        const float* k3 = j + 3 < n[i] ? k0 + 3 * stride : k;
-        __m256 a0 = _mm256_mul_ps(qc[0], _mm256_loadu_ps(k0));
-        __m256 a1 = _mm256_mul_ps(qc[0], _mm256_loadu_ps(k1));
-        __m256 a2 = _mm256_mul_ps(qc[0], _mm256_loadu_ps(k2));
-        __m256 a3 = _mm256_mul_ps(qc[0], _mm256_loadu_ps(k3));
-        for (int c = 1; c < C; ++c) {
-          a0 = _mm256_fmadd_ps(qc[c], _mm256_loadu_ps(k0 + 8 * c), a0);
-          a1 = _mm256_fmadd_ps(qc[c], _mm256_loadu_ps(k1 + 8 * c), a1);
-          a2 = _mm256_fmadd_ps(qc[c], _mm256_loadu_ps(k2 + 8 * c), a2);
-          a3 = _mm256_fmadd_ps(qc[c], _mm256_loadu_ps(k3 + 8 * c), a3);
-        }
-        const __m128 s = _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(scale));
-        if (j + 4 <= n[i]) {
-          _mm_storeu_ps(wi + j, s);
-          m = _mm_max_ps(m, s);
-        } else {  // the last keys: their scores, and the max over them only
-          alignas(16) float four[4];
-          _mm_store_ps(four, s);
-          for (int64_t t = 0; t < n[i] - j; ++t) {
-            wi[j + t] = four[t];
-            m = _mm_max_ps(m, _mm_set1_ps(four[t]));
-          }
-        }
-      }
-      _mm_storeu_ps(&maxes[i * 4], m);
-    }
-  }
-  for (int64_t i = 0; i < count; ++i) {
-    const __m128 mi = _mm_loadu_ps(&maxes[i * 4]);
-    __m128 m4 = _mm_max_ps(mi, _mm_movehl_ps(mi, mi));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float m = _mm_cvtss_f32(m4);  // a max is exact in any order
-    // w = exp(s - m) and their sum: 8 lanes by j % 8, then a fixed reduction, then the tail in order
-    float* wi = w + i * cache_rows;
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 sumv = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n[i]; j += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(wi + j), mv));
-      _mm256_storeu_ps(wi + j, e);
-      sumv = _mm256_add_ps(sumv, e);
-    }
-    float sum = hsum(sumv);
-    if (j < n[i]) {
-      alignas(32) float tail[8];
-      for (int64_t t = 0; t < 8; ++t) tail[t] = j + t < n[i] ? wi[j + t] - m : -INFINITY;
-      _mm256_store_ps(tail, exp_nonpositive(_mm256_load_ps(tail)));
-      for (int64_t t = j; t < n[i]; ++t) {
-        wi[t] = tail[t - j];
-        sum += wi[t];
-      }
-    }
-    sums[i] = sum;
-  }
-  // out_i = sum_j w_ij V_j / sum_i; the two sums of each query kept in acc between blocks (stored exactly)
-  for (int64_t i = 0; i < count * 2 * 8 * C; ++i) acc[i] = 0.f;
-  for (int64_t block = 0; block < keys; block += KEY_BLOCK) {
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t end = block + KEY_BLOCK < n[i] ? block + KEY_BLOCK : n[i];
-      if (block >= end) continue;
-      const float* wi = w + i * cache_rows;
-      float* ai = acc + i * 2 * 8 * C;
-      __m256 acc0[C], acc1[C];
-      for (int c = 0; c < C; ++c) {
-        acc0[c] = _mm256_loadu_ps(ai + 8 * c);
-        acc1[c] = _mm256_loadu_ps(ai + 8 * (C + c));
-      }
-      int64_t j = block;
-      for (; j + 2 <= end; j += 2) {
-        const __m256 w0 = _mm256_set1_ps(wi[j]), w1 = _mm256_set1_ps(wi[j + 1]);
-        const float* v0 = v + j * stride;
-        const float* v1 = v0 + stride;
-        for (int c = 0; c < C; ++c) {
-          acc0[c] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(v0 + 8 * c), acc0[c]);
-          acc1[c] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(v1 + 8 * c), acc1[c]);
-        }
-      }
-      if (j < end) {  // an odd n's last key (blocks are even)
-        const __m256 w0 = _mm256_set1_ps(wi[j]);
-        for (int c = 0; c < C; ++c) acc0[c] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(v + j * stride + 8 * c), acc0[c]);
-      }
-      for (int c = 0; c < C; ++c) {
-        _mm256_storeu_ps(ai + 8 * c, acc0[c]);
-        _mm256_storeu_ps(ai + 8 * (C + c), acc1[c]);
-      }
-    }
-  }
-  for (int64_t i = 0; i < count; ++i) {
-    const float* ai = acc + i * 2 * 8 * C;
-    const __m256 inv = _mm256_set1_ps(1.0f / sums[i]);
-    for (int c = 0; c < C; ++c) {
-      const __m256 sum = _mm256_add_ps(_mm256_loadu_ps(ai + 8 * c), _mm256_loadu_ps(ai + 8 * (C + c)));
-      _mm256_storeu_ps(out[i] + 8 * c, _mm256_mul_ps(sum, inv));
-    }
-  }
-}
-#endif
-
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-#define ROW_SDPA_AVX512 1
-inline __m512 exp_nonpositive(__m512 x) {  // the same polynomial, 16 lanes
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365f));
-  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
-  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 z = _mm512_mul_ps(x, x);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
-
-// The eight sums of a0..a7's 16 lanes, each by the same tree: [sum a0, ..., sum a7].
-inline __m256 hsum8(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512 a5, __m512 a6, __m512 a7) {
-  // 16 -> 8 lanes: b01 = [a0 (quads 0+2, 1+3), a1 (...)]
-  const __m512 b01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
-  const __m512 b23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
-  const __m512 b45 = _mm512_add_ps(_mm512_shuffle_f32x4(a4, a5, 0x44), _mm512_shuffle_f32x4(a4, a5, 0xEE));
-  const __m512 b67 = _mm512_add_ps(_mm512_shuffle_f32x4(a6, a7, 0x44), _mm512_shuffle_f32x4(a6, a7, 0xEE));
-  // 8 -> 4 lanes: quad i of c0 = a_i folded to 4 lanes (i = 0..3), of c4 = a_{4+i}
-  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b01, b23, 0x88), _mm512_shuffle_f32x4(b01, b23, 0xDD));
-  const __m512 c4 = _mm512_add_ps(_mm512_shuffle_f32x4(b45, b67, 0x88), _mm512_shuffle_f32x4(b45, b67, 0xDD));
-  // 4 -> 1: per quad i, r = [c0[0]+c0[2], c4[0]+c4[2], c0[1]+c0[3], c4[1]+c4[3]], then lanes 0+2 and 1+3
-  const __m512 r = _mm512_add_ps(_mm512_unpacklo_ps(c0, c4), _mm512_unpackhi_ps(c0, c4));
-  const __m512 s = _mm512_add_ps(r, _mm512_permute_ps(r, 0x4E));  // quad i: [sum a_i, sum a_{4+i}, ...]
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
-  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, s));
-}
-
-// A row of 16 * C floats at p, as C vectors, read by aligned loads when p is M floats past a 64-byte boundary
-// (M = 0, 4, 8, 12; -1: unknown, plain unaligned loads). Only how the row is read depends on M, not its values.
-template <int C, int M>
-inline void load_row(const float* p, __m512* r) {
+// A row of L::N * C floats at p, as C vectors. M: how far p is past a 64-byte line in floats, where L shifts rows
+// (0, 4, 8, 12: C + 1 aligned lines, each holding a float of the row so none faults, shifted in registers), or -1
+// (unaligned loads). Only how the row is read depends on M, never its values.
+template <class L, int C, int M>
+inline void load_row(const float* p, typename L::V* r) {
   if constexpr (M < 0) {
-    for (int c = 0; c < C; ++c) r[c] = _mm512_loadu_ps(p + 16 * c);
+    for (int c = 0; c < C; ++c) r[c] = L::loadu(p + L::N * c);
   } else if constexpr (M == 0) {
-    for (int c = 0; c < C; ++c) r[c] = _mm512_load_ps(p + 16 * c);
-  } else {  // C + 1 aligned lines (each holds a float of the row, so none faults), shifted together
-    const float* base = p - M;
-    __m512i lo = _mm512_castps_si512(_mm512_load_ps(base));
+    for (int c = 0; c < C; ++c) r[c] = L::load(p + L::N * c);
+  } else {
+    typename L::V lo = L::load(p - M);
     for (int c = 0; c < C; ++c) {
-      const __m512i hi = _mm512_castps_si512(_mm512_load_ps(base + 16 * (c + 1)));
-      r[c] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, lo, M));
+      const typename L::V hi = L::load(p - M + L::N * (c + 1));
+      r[c] = L::template shifted<M>(lo, hi);
       lo = hi;
     }
   }
 }
 
-// The scores of keys [block, block + KEY_BLOCK) for every query, 8 keys at a time: w[i][j] = scale * q_i . k_j
-// for j < n_i; maxes: per query 8 running maxes by key % 8. Key j's row is at rows + (j - block) * stride.
-template <int C, int M>
-void block_scores(const float* const* q, const int64_t* n, int64_t count, int64_t block, const float* rows,
-                  int64_t stride, int64_t cache_rows, float scale, float* w, float* maxes) {
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t end = block + KEY_BLOCK < n[i] ? block + KEY_BLOCK : n[i];
+// One call's queries of one KV head and its scratch.
+struct Queries {
+  const float* const* q;  // count query rows of d floats
+  const int64_t* n;       // keys each query attends (its position + 1), ascending
+  int64_t count;
+  int64_t cache_rows;  // w's row length
+  float scale;
+  float* w;       // count x cache_rows: scores, then their exp
+  float* maxes;   // count x 8 running maxes of the scores, by key % 8
+  float* acc;     // count x 2d: each query's two sums of values
+};
+
+// The scores of keys [block, block + KEY_BLOCK) for every query: w[i][j] = scale * q_i . k_j for j < n_i, and the
+// maxes. Key j's row is at rows + (j - block) * stride.
+template <class L, int C, int M>
+void block_scores(const Queries& b, int64_t block, const float* rows, int64_t stride) {
+  const __m256 scale = _mm256_set1_ps(b.scale);  // b's fields read once: the stores below are floats too
+  float* const w = b.w;
+  float* const maxes = b.maxes;
+  for (int64_t i = 0; i < b.count; ++i) {
+    const int64_t n = b.n[i], end = block + KEY_BLOCK < n ? block + KEY_BLOCK : n;
     if (block >= end) continue;
-    __m512 qc[C];
-    for (int c = 0; c < C; ++c) qc[c] = _mm512_loadu_ps(q[i] + 16 * c);
-    float* wi = w + i * cache_rows;
+    typename L::V qc[C];
+    for (int c = 0; c < C; ++c) qc[c] = L::loadu(b.q[i] + L::N * c);
+    float* wi = w + i * b.cache_rows;
     __m256 m = _mm256_loadu_ps(maxes + i * 8);
     for (int64_t j = block; j < end; j += 8) {
-      __m512 a[8];
-      for (int t = 0; t < 8; ++t) {  // past n, the block's first key fills in (its score is dropped)
-        __m512 kr[C];
-        load_row<C, M>(j + t < n[i] ? rows + (j + t - block) * stride : rows, kr);
-        a[t] = _mm512_mul_ps(qc[0], kr[0]);
-        for (int c = 1; c < C; ++c) a[t] = _mm512_fmadd_ps(qc[c], kr[c], a[t]);
+      typename L::V a[8];
+      for (int t = 0; t < 8; ++t) {
+        typename L::V kr[C];
+        load_row<L, C, M>(j + t < n ? rows + (j + t - block) * stride : rows, kr);
+        a[t] = L::mul(qc[0], kr[0]);
+        for (int c = 1; c < C; ++c) a[t] = L::fmadd(qc[c], kr[c], a[t]);
       }
-      const __m256 s = _mm256_mul_ps(hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
-      if (j + 8 <= n[i]) {
+      const __m256 s = _mm256_mul_ps(L::sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), scale);
+      if (j + 8 <= n) {
         _mm256_storeu_ps(wi + j, s);
         m = _mm256_max_ps(m, s);
       } else {  // the last keys: their scores, and the max over them only
         alignas(32) float eight[8];
         _mm256_store_ps(eight, s);
-        for (int64_t t = 0; t < n[i] - j; ++t) {
+        for (int64_t t = 0; t < n - j; ++t) {
           wi[j + t] = eight[t];
           m = _mm256_max_ps(m, _mm256_set1_ps(eight[t]));
         }
@@ -288,162 +230,133 @@ void block_scores(const float* const* q, const int64_t* n, int64_t count, int64_
   }
 }
 
-// acc_i += sum_j w_ij V_j over keys [block, block + KEY_BLOCK), key j into sum j % 2 (two sums of 16 * C floats
-// per query). Key j's row is at rows + (j - block) * stride.
-template <int C, int M>
-void block_values(const int64_t* n, int64_t count, int64_t block, const float* rows, int64_t stride,
-                  int64_t cache_rows, const float* w, float* acc) {
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t end = block + KEY_BLOCK < n[i] ? block + KEY_BLOCK : n[i];
+// acc_i += sum_j w_ij V_j over keys [block, block + KEY_BLOCK), key j into sum j % 2. Key j's row is at
+// rows + (j - block) * stride.
+template <class L, int C, int M>
+void block_values(const Queries& b, int64_t block, const float* rows, int64_t stride) {
+  const float* const w = b.w;
+  float* const acc = b.acc;
+  for (int64_t i = 0; i < b.count; ++i) {
+    const int64_t end = block + KEY_BLOCK < b.n[i] ? block + KEY_BLOCK : b.n[i];
     if (block >= end) continue;
-    const float* wi = w + i * cache_rows;
-    float* ai = acc + i * 2 * 16 * C;
-    __m512 a0[C], a1[C];
+    const float* wi = w + i * b.cache_rows;
+    float* ai = acc + i * 2 * L::N * C;
+    typename L::V a0[C], a1[C];
     for (int c = 0; c < C; ++c) {
-      a0[c] = _mm512_loadu_ps(ai + 16 * c);
-      a1[c] = _mm512_loadu_ps(ai + 16 * (C + c));
+      a0[c] = L::loadu(ai + L::N * c);
+      a1[c] = L::loadu(ai + L::N * (C + c));
     }
     int64_t j = block;
     for (; j + 2 <= end; j += 2) {
-      __m512 v0[C], v1[C];
-      load_row<C, M>(rows + (j - block) * stride, v0);
-      load_row<C, M>(rows + (j + 1 - block) * stride, v1);
-      const __m512 w0 = _mm512_set1_ps(wi[j]), w1 = _mm512_set1_ps(wi[j + 1]);
+      typename L::V v0[C], v1[C];
+      load_row<L, C, M>(rows + (j - block) * stride, v0);
+      load_row<L, C, M>(rows + (j + 1 - block) * stride, v1);
+      const typename L::V w0 = L::set1(wi[j]), w1 = L::set1(wi[j + 1]);
       for (int c = 0; c < C; ++c) {
-        a0[c] = _mm512_fmadd_ps(w0, v0[c], a0[c]);
-        a1[c] = _mm512_fmadd_ps(w1, v1[c], a1[c]);
+        a0[c] = L::fmadd(w0, v0[c], a0[c]);
+        a1[c] = L::fmadd(w1, v1[c], a1[c]);
       }
     }
     if (j < end) {  // an odd n's last key (blocks are even)
-      __m512 v0[C];
-      load_row<C, M>(rows + (j - block) * stride, v0);
-      const __m512 w0 = _mm512_set1_ps(wi[j]);
-      for (int c = 0; c < C; ++c) a0[c] = _mm512_fmadd_ps(w0, v0[c], a0[c]);
+      typename L::V v0[C];
+      load_row<L, C, M>(rows + (j - block) * stride, v0);
+      const typename L::V w0 = L::set1(wi[j]);
+      for (int c = 0; c < C; ++c) a0[c] = L::fmadd(w0, v0[c], a0[c]);
     }
     for (int c = 0; c < C; ++c) {
-      _mm512_storeu_ps(ai + 16 * c, a0[c]);
-      _mm512_storeu_ps(ai + 16 * (C + c), a1[c]);
+      L::storeu(ai + L::N * c, a0[c]);
+      L::storeu(ai + L::N * (C + c), a1[c]);
     }
   }
 }
 
-// Both phases block by block over a cache whose rows sit M floats past a 64-byte line. With PACK_QUERIES queries or
-// more, a misaligned block is first copied to an aligned buffer (shifted once, then read by every query from L1;
-// fewer queries measured faster shifting each row as they read it). Only where the rows are read from differs.
-constexpr int64_t PACK_QUERIES = 4;
-
-template <int C, int M>
-void scores_avx512(const float* const* q, const int64_t* n, int64_t count, int64_t keys, const float* k,
-                   int64_t stride, int64_t cache_rows, float scale, float* w, float* maxes, float* packed) {
+// One phase (the scores, or VALUES) over all blocks of a cache whose rows sit M floats past a 64-byte line; with
+// PACK_QUERIES queries or more a misaligned block is first copied to `packed` (64-byte aligned) and read from there.
+template <class L, int C, bool VALUES, int M>
+void over_blocks(const Queries& b, int64_t keys, const float* cache, int64_t stride, float* packed) {
   for (int64_t block = 0; block < keys; block += KEY_BLOCK) {
-    if (M == 0 || count < PACK_QUERIES) {
-      block_scores<C, M>(q, n, count, block, k + block * stride, stride, cache_rows, scale, w, maxes);
-      continue;
+    const bool pack = M != 0 && b.count >= PACK_QUERIES;
+    if (pack) {
+      const int64_t rows = keys - block < KEY_BLOCK ? keys - block : KEY_BLOCK;
+      for (int64_t r = 0; r < rows; ++r) {
+        typename L::V row[C];
+        load_row<L, C, M>(cache + (block + r) * stride, row);
+        for (int c = 0; c < C; ++c) L::store(packed + (r * C + c) * L::N, row[c]);
+      }
     }
-    const int64_t rows = keys - block < KEY_BLOCK ? keys - block : KEY_BLOCK;
-    for (int64_t r = 0; r < rows; ++r) {
-      __m512 kr[C];
-      load_row<C, M>(k + (block + r) * stride, kr);
-      for (int c = 0; c < C; ++c) _mm512_store_ps(packed + r * 16 * C + 16 * c, kr[c]);
+    const float* rows = pack ? packed : cache + block * stride;
+    const int64_t rows_stride = pack ? L::N * C : stride;
+    if constexpr (VALUES) {
+      pack ? block_values<L, C, 0>(b, block, rows, rows_stride) : block_values<L, C, M>(b, block, rows, rows_stride);
+    } else {
+      pack ? block_scores<L, C, 0>(b, block, rows, rows_stride) : block_scores<L, C, M>(b, block, rows, rows_stride);
     }
-    block_scores<C, 0>(q, n, count, block, packed, 16 * C, cache_rows, scale, w, maxes);
   }
 }
 
-template <int C, int M>
-void values_avx512(const int64_t* n, int64_t count, int64_t keys, const float* v, int64_t stride,
-                   int64_t cache_rows, const float* w, float* acc, float* packed) {
-  for (int64_t block = 0; block < keys; block += KEY_BLOCK) {
-    if (M == 0 || count < PACK_QUERIES) {
-      block_values<C, M>(n, count, block, v + block * stride, stride, cache_rows, w, acc);
-      continue;
-    }
-    const int64_t rows = keys - block < KEY_BLOCK ? keys - block : KEY_BLOCK;
-    for (int64_t r = 0; r < rows; ++r) {
-      __m512 vr[C];
-      load_row<C, M>(v + (block + r) * stride, vr);
-      for (int c = 0; c < C; ++c) _mm512_store_ps(packed + r * 16 * C + 16 * c, vr[c]);
-    }
-    block_values<C, 0>(n, count, block, packed, 16 * C, cache_rows, w, acc);
-  }
-}
-
-// where p sits past a 64-byte boundary, in floats (0, 4, 8, 12), or -1
-inline int misalignment(const float* p) {
+// over_blocks for a cache at p: its rows are as far from a 64-byte line as p (the stride and head offsets are
+// multiples of 64 bytes, checked), read shifted where L shifts rows, else unaligned
+template <class L, int C, bool VALUES>
+void over_cache(const Queries& b, int64_t keys, const float* p, int64_t stride, float* packed) {
   const uintptr_t bytes = reinterpret_cast<uintptr_t>(p) % 64;
-  return bytes % 16 == 0 ? static_cast<int>(bytes / 4) : -1;
+  const int offset = stride % 16 == 0 && bytes % 16 == 0 ? static_cast<int>(bytes / 4) : -1;
+  if (offset == 0) return over_blocks<L, C, VALUES, 0>(b, keys, p, stride, packed);
+  if constexpr (L::shifts_rows) {
+    if (offset == 4) return over_blocks<L, C, VALUES, 4>(b, keys, p, stride, packed);
+    if (offset == 8) return over_blocks<L, C, VALUES, 8>(b, keys, p, stride, packed);
+    if (offset == 12) return over_blocks<L, C, VALUES, 12>(b, keys, p, stride, packed);
+  }
+  over_blocks<L, C, VALUES, -1>(b, keys, p, stride, packed);
 }
 
-// attend_queries_avx2 with 16 lanes, d = 16 * C: scores eight keys at a time (hsum8), values by key % 2; each
-// phase specialized for the caches' offset from a 64-byte line.
-template <int C>
-void attend_queries_avx512(const float* const* q, const int64_t* n, int64_t count, const float* k, const float* v,
-                           int64_t stride, int64_t cache_rows, float scale, float* w, float* acc,
-                           float* const* out) {
+template <class L, int C>
+void attend_queries_simd(const float* const* q, const int64_t* n, int64_t count, const float* k, const float* v,
+                         int64_t stride, int64_t cache_rows, float scale, float* w, float* acc, float* const* out) {
+  using V = typename L::V;
   const int64_t keys = n[count - 1] > n[0] ? n[count - 1] : n[0];
   thread_local std::vector<float> maxes, sums;
+  thread_local std::vector<float> room(KEY_BLOCK * L::N * C + 16);  // a block of rows, 64-byte aligned
+  float* packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(room.data()) + 63) / 64 * 64);
   maxes.assign(count * 8, -INFINITY);
   sums.resize(count);
-  // every row of a head is as far from a 64-byte boundary as the first (stride and head offsets: 64-byte multiples)
-  const int mk = stride % 16 == 0 ? misalignment(k) : -1, mv = stride % 16 == 0 ? misalignment(v) : -1;
-  thread_local std::vector<float> room(KEY_BLOCK * 16 * C + 16);  // a block of rows, 64-byte aligned
-  float* packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(room.data()) + 63) / 64 * 64);
-#define ROW_SDPA_SCORES(M) \
-  scores_avx512<C, M>(q, n, count, keys, k, stride, cache_rows, scale, w, maxes.data(), packed)
-  switch (mk) {
-    case 0: ROW_SDPA_SCORES(0); break;
-    case 4: ROW_SDPA_SCORES(4); break;
-    case 8: ROW_SDPA_SCORES(8); break;
-    case 12: ROW_SDPA_SCORES(12); break;
-    default: ROW_SDPA_SCORES(-1); break;
-  }
-#undef ROW_SDPA_SCORES
+  const Queries b{q, n, count, cache_rows, scale, w, maxes.data(), acc};
+  over_cache<L, C, false>(b, keys, k, stride, packed);
+  // w = exp(s - m) and their sum: L::N lanes by j % L::N, then a fixed reduction, then the tail in order
   for (int64_t i = 0; i < count; ++i) {
     float m = -INFINITY;
     for (int t = 0; t < 8; ++t) m = maxes[i * 8 + t] > m ? maxes[i * 8 + t] : m;  // a max is exact in any order
     float* wi = w + i * cache_rows;
-    const __m512 mv16 = _mm512_set1_ps(m);
-    __m512 sumv = _mm512_setzero_ps();
+    const V mv = L::set1(m);
+    V sumv = L::zero();
     int64_t j = 0;
-    for (; j + 16 <= n[i]; j += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(wi + j), mv16));
-      _mm512_storeu_ps(wi + j, e);
-      sumv = _mm512_add_ps(sumv, e);
+    for (; j + L::N <= n[i]; j += L::N) {
+      const V e = exp_nonpositive<L>(L::sub(L::loadu(wi + j), mv));
+      L::storeu(wi + j, e);
+      sumv = L::add(sumv, e);
     }
-    float sum = hsum(_mm256_add_ps(_mm512_castps512_ps256(sumv), _mm512_extractf32x8_ps(sumv, 1)));
-    if (j < n[i]) {
-      const __mmask16 tail = static_cast<__mmask16>((1u << (n[i] - j)) - 1);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, wi + j), mv16));
-      alignas(64) float t16[16];
-      _mm512_store_ps(t16, e);
+    float sum = L::sum(sumv);
+    if (j < n[i]) {  // the last keys (the other lanes' exp is dropped)
+      alignas(64) float tail[L::N];
+      L::store(tail, exp_nonpositive<L>(L::sub(L::load_first(wi + j, n[i] - j), mv)));
       for (int64_t t = j; t < n[i]; ++t) {
-        wi[t] = t16[t - j];
+        wi[t] = tail[t - j];
         sum += wi[t];
       }
     }
     sums[i] = sum;
   }
-  for (int64_t i = 0; i < count * 2 * 16 * C; ++i) acc[i] = 0.f;
-#define ROW_SDPA_VALUES(M) values_avx512<C, M>(n, count, keys, v, stride, cache_rows, w, acc, packed)
-  switch (mv) {
-    case 0: ROW_SDPA_VALUES(0); break;
-    case 4: ROW_SDPA_VALUES(4); break;
-    case 8: ROW_SDPA_VALUES(8); break;
-    case 12: ROW_SDPA_VALUES(12); break;
-    default: ROW_SDPA_VALUES(-1); break;
-  }
-#undef ROW_SDPA_VALUES
-  for (int64_t i = 0; i < count; ++i) {
-    const float* ai = acc + i * 2 * 16 * C;
-    const __m512 inv = _mm512_set1_ps(1.0f / sums[i]);
+  for (int64_t i = 0; i < count * 2 * L::N * C; ++i) acc[i] = 0.f;
+  over_cache<L, C, true>(b, keys, v, stride, packed);
+  for (int64_t i = 0; i < count; ++i) {  // out_i = (sum of even keys + sum of odd keys) / the exp sum
+    const float* ai = acc + i * 2 * L::N * C;
+    const V inv = L::set1(1.0f / sums[i]);
     for (int c = 0; c < C; ++c) {
-      const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(ai + 16 * c), _mm512_loadu_ps(ai + 16 * (C + c)));
-      _mm512_storeu_ps(out[i] + 16 * c, _mm512_mul_ps(sum, inv));
+      const V even_and_odd = L::add(L::loadu(ai + L::N * c), L::loadu(ai + L::N * (C + c)));
+      L::storeu(out[i] + L::N * c, L::mul(even_and_odd, inv));
     }
   }
 }
 #endif
-
 
 // The portable version of the above, one query at a time.
 void attend_query(const float* q, const float* k, const float* v, int64_t n, int64_t d, int64_t stride,
@@ -472,19 +385,16 @@ void attend_query(const float* q, const float* k, const float* v, int64_t n, int
 void attend_queries(const float* const* q, const int64_t* n, int64_t count, const float* k, const float* v,
                     int64_t d, int64_t stride, int64_t cache_rows, float scale, float* w, float* acc,
                     float* const* out) {
-#ifdef ROW_SDPA_AVX512
-  switch (d) {
-    case 32: return attend_queries_avx512<2>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
-    case 64: return attend_queries_avx512<4>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
-    case 128: return attend_queries_avx512<8>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
-    default: break;
-  }
+#if defined(ROW_SDPA_AVX512)
+  using L = Lanes16;
+#elif defined(ROW_SDPA_AVX2)
+  using L = Lanes8;
 #endif
 #ifdef ROW_SDPA_AVX2
   switch (d) {
-    case 32: return attend_queries_avx2<4>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
-    case 64: return attend_queries_avx2<8>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
-    case 128: return attend_queries_avx2<16>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
+    case 32: return attend_queries_simd<L, 32 / L::N>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
+    case 64: return attend_queries_simd<L, 64 / L::N>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
+    case 128: return attend_queries_simd<L, 128 / L::N>(q, n, count, k, v, stride, cache_rows, scale, w, acc, out);
     default: break;
   }
 #endif
