@@ -179,6 +179,21 @@ def against_cpu_provider(opened: Opened, spec: dict, prompts: list[list[int]], w
             "heldout_cpu_provider": measure.heldout_quality(cpu.backend, windows)}
 
 
+def peer_checkpoint(m, model: Path) -> Path:
+    """The checkpoint directory the artifact was exported from, for its peers: its recorded source (a directory, or
+    a .gguf file, imported), else `model` (--model); either must have the recorded source's hash, or the peers
+    would decode another model."""
+    from models.checkpoint import checkpoint_dir, checkpoint_hash
+
+    source, recorded = Path(m.source.get("path", "")), m.source.get("sha256")
+    candidate = source if source.exists() and str(source) != "." else model
+    if recorded and checkpoint_hash(candidate) != recorded:
+        raise UserError(f"--peers builds the plain decoders from the checkpoint artifact '{m.directory}' was exported "
+                        f"from ('{source}', hash {recorded}), which is not here, and --model '{model}' is another "
+                        f"checkpoint: pass --model with the checkpoint (directory or .gguf) it was exported from.")
+    return checkpoint_dir(candidate)
+
+
 def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, dict]:
     """The fastest plain decoders of the artifact's format, built from its checkpoint at its bits and
     block/group size: ({name: decoder}, {name: build facts}). ONNX: ONNX Runtime GenAI; .pte:
@@ -189,9 +204,7 @@ def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, di
     from runtime import peers
 
     m = read_manifest(spec["path"])
-    checkpoint = Path(m.source.get("path", ""))
-    if not (checkpoint / "config.json").exists():
-        checkpoint = cfg.model
+    checkpoint = peer_checkpoint(m, cfg.model)
     if m.format == "onnx":
         name, what = "ort_genai", f"ORT GenAI's builder ({m.quant}, block {m.group_size})"
         directory = cfg.out / "artifacts" / "peers" / f"ort_genai_{m.quant}_b{m.group_size}"

@@ -105,3 +105,30 @@ def test_a_checkpoint_the_builder_cannot_read_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="ORT GenAI's builder failed"):
         build_ort_genai(tmp_path / "empty", tmp_path / "genai", "int4", 32, threads=1)
+
+
+def test_peers_are_built_from_the_checkpoint_the_artifact_came_from(tiny_checkpoint, tmp_path, monkeypatch):
+    """--peers on an artifact: its recorded source (a directory, or a .gguf file: imported), else --model, and
+    only a checkpoint with the recorded hash; before, a source that was not a directory (a .gguf) silently fell
+    back to --model's default, the shipped model, and the peer decoded another model."""
+    import shutil
+    from types import SimpleNamespace
+
+    from gguf_files import tiny_hf_llama, write_gguf
+    from models.checkpoint import checkpoint_hash
+
+    monkeypatch.setenv("LAYERSKIP_EDGE_CACHE", str(tmp_path / "cache"))
+
+    def manifest(path):
+        return SimpleNamespace(source={"path": str(path), "sha256": checkpoint_hash(path)}, directory=tmp_path / "art")
+
+    assert bench.peer_checkpoint(manifest(tiny_checkpoint), DEFAULT_MODEL_DIR) == tiny_checkpoint
+    gguf = write_gguf(tmp_path / "m.gguf", tiny_hf_llama())
+    imported = bench.peer_checkpoint(manifest(gguf), DEFAULT_MODEL_DIR)
+    assert (imported / "config.json").exists() and imported != DEFAULT_MODEL_DIR
+    moved = manifest(tiny_checkpoint)
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    moved.source["path"] = str(tmp_path / "gone")  # exported elsewhere: --model names the same checkpoint
+    assert bench.peer_checkpoint(moved, copy) == copy
+    with pytest.raises(UserError, match="--peers builds the plain decoders from the checkpoint .* pass --model"):
+        bench.peer_checkpoint(moved, DEFAULT_MODEL_DIR)
