@@ -189,8 +189,9 @@ def peer_checkpoint(m, model: Path) -> Path:
     candidate = source if source.exists() and str(source) != "." else model
     if recorded and checkpoint_hash(candidate) != recorded:
         raise UserError(f"--peers builds the plain decoders from the checkpoint artifact '{m.directory}' was exported "
-                        f"from ('{source}', hash {recorded}), which is not here, and --model '{model}' is another "
-                        f"checkpoint: pass --model with the checkpoint (directory or .gguf) it was exported from.")
+                        f"from ('{source}', hash {recorded}), which is not here or has changed since, and --model "
+                        f"'{model}' is another checkpoint: pass --model with the checkpoint (directory or .gguf) it "
+                        f"was exported from.")
     return checkpoint_dir(candidate)
 
 
