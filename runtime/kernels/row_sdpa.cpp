@@ -71,8 +71,6 @@ struct Lanes8 {
     for (int64_t t = 0; t < count; ++t) part[t] = p[t];
     return _mm256_load_ps(part);
   }
-  template <int M>
-  static V shifted(V lo, V) { return lo; }  // unused (shifts_rows is false)
   // The eight sums of a0..a7's lanes, each by the same tree: [sum a0, ..., sum a7].
   static __m256 sums8(V a0, V a1, V a2, V a3, V a4, V a5, V a6, V a7) {
     const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
