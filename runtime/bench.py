@@ -186,13 +186,13 @@ def peer_checkpoint(m, model: Path) -> Path:
     from models.checkpoint import checkpoint_dir, checkpoint_hash
 
     source, recorded = Path(m.source.get("path", "")), m.source.get("sha256")
-    candidate = source if source.exists() and str(source) != "." else model
-    if recorded and checkpoint_hash(candidate) != recorded:
+    directory = checkpoint_dir(source if source.exists() and str(source) != "." else model)  # a .gguf: imported
+    if recorded and checkpoint_hash(directory) != recorded:
         raise UserError(f"--peers builds the plain decoders from the checkpoint artifact '{m.directory}' was exported "
                         f"from ('{source}', hash {recorded}), which is not here or has changed since, and --model "
                         f"'{model}' is another checkpoint: pass --model with the checkpoint (directory or .gguf) it "
                         f"was exported from.")
-    return checkpoint_dir(candidate)
+    return directory
 
 
 def format_peers(opened: Opened, spec: dict, cfg: BenchConfig) -> tuple[dict, dict]:
