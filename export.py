@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from export.methods import DEFAULT_METHODS, FUSED_DRAFT_METHOD
-from export.pipeline import BACKENDS, DEFAULT_GROUP_SIZE, PTE_ATTENTION, ExportConfig, run_export
+from export.pipeline import (BACKENDS, DEFAULT_GROUP_SIZE, LINEAR_Q4_MIN_PARAMETERS, PTE_ATTENTION, PTE_LINEAR,
+                             ExportConfig, run_export)
 from models.checkpoint import DEFAULT_MODEL_DIR
 from runtime.errors import run_command
 
@@ -53,6 +54,12 @@ def parse_args(argv=None) -> ExportConfig:
                         "only, in XNNPACK ops; no compiler needed; the full-model method keeps custom_sdpa on caches "
                         "of its own), row_invariant_drafts (the draft method too, so that --lookup is exact), or "
                         "custom_sdpa (ExecuTorch's kernel everywhere, which rounds a row by the call's row count)")
+    p.add_argument("--pte-linear", default=d.pte_linear, choices=PTE_LINEAR,
+                   help=".pte 4-bit linears (--quant int4): xnnpack (XNNPACK's kernels) or linear_q4 (our kernel, "
+                        "runtime/kernels/linear_q4.cpp, built on first use with g++: integer arithmetic per group, all "
+                        "rows of a call in one pass over the weights, so that a d+1-row verify of a model too large "
+                        "for the caches costs little more than a 1-row call). Default: linear_q4 for int4 models "
+                        f"above {LINEAR_Q4_MIN_PARAMETERS // 10**6}M parameters, else xnnpack")
     p.add_argument("--fused-draft", action="store_true",
                    help="also export draft_greedy (.pte only): d greedy drafts in one call; measured no faster "
                         "than d draft calls on XNNPACK here, and it packs the prefix weights a second time")
@@ -85,6 +92,7 @@ def parse_args(argv=None) -> ExportConfig:
     return ExportConfig(model=a.model, exit_layer=a.exit_layer, num_speculations=a.num_speculations, quant=a.quant,
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
                         backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache, pte_attention=a.pte_attention,
+                        pte_linear=a.pte_linear,
                         draft_vocab=a.draft_vocab, draft_threshold=a.draft_threshold, jobs=a.jobs,
                         pad_drafts=a.pad_drafts, for_lookup=a.for_lookup, draft_verify=not a.no_draft_verify,
                         methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))

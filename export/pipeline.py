@@ -32,6 +32,11 @@ from runtime.errors import UserError
 
 BACKENDS = ("xnnpack", "portable", "onnx", "all")
 PTE_ATTENTION = ("row_invariant", "row_invariant_drafts", "row_sdpa", "custom_sdpa")  # export/to_pte.py
+PTE_LINEAR = ("xnnpack", "linear_q4")  # the .pte's 4-bit linears: XNNPACK's, or ours (quant/linear_q4.py)
+# Where --pte-linear is not given, 8da4w models above this size get linear_q4: on the Llama-3.2-1B shape (groups of
+# 32) it predicts 1.16-1.59x at acceptance 0.8 against XNNPACK's 0.90-1.16x, its plain decoding as fast or faster
+# (README, "Latest"); models that fit the caches keep XNNPACK's kernels.
+LINEAR_Q4_MIN_PARAMETERS = 300_000_000
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per
 # scale (0: one scale per output channel, .pte only), halved until it divides every linear's input
@@ -47,7 +52,7 @@ DEFAULT_GROUP_SIZE = {"pte": 32, "onnx": 128}
 # verifying (SmolLM2-135M: acceptance 0.01 at layer 8 of 30), so a step without a match in the context
 # decodes one token (tau 0.99), the exit at L/4 only splits the draft and verify calls, and at a large
 # vocabulary a draft head over 256 tokens keeps the exit's head out of each draft call (SmolLM2: 1.53 ->
-# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Six sessions ago").
+# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Seven sessions ago").
 FOR_LOOKUP_UNTRAINED = {"draft_threshold": 0.99, "draft_vocab": 256, "large_vocab": 16384}
 
 
@@ -73,6 +78,7 @@ class ExportConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     onnx_kv_cache: str = "gqa"  # "gqa" (ONNX Runtime contrib op, in-place) or "sdpa" (standard ops only)
     pte_attention: str = "row_sdpa"  # a row gets the same bits whatever the row count (export/to_pte.py)
+    pte_linear: Optional[str] = None  # "linear_q4": 8da4w linears through our kernel; None: pte_linear_for()
     draft_vocab: int = 0  # K > 0: drafts exit through a head over the K most frequent tokens only
     draft_threshold: Optional[float] = None  # tau stored in the manifest; None: the checkpoint's recommended (or 0)
     jobs: Optional[int] = None  # processes lowering .pte methods at once; None: the cores this process may use
@@ -89,6 +95,14 @@ class ExportConfig:
             raise UserError(f"--onnx-kv-cache {self.onnx_kv_cache!r} is unknown; use one of {', '.join(ATTENTION_KINDS)}.")
         if self.pte_attention not in PTE_ATTENTION:
             raise UserError(f"--pte-attention {self.pte_attention!r} is unknown; use one of {', '.join(PTE_ATTENTION)}.")
+        if self.pte_linear is not None and self.pte_linear not in PTE_LINEAR:
+            raise UserError(f"--pte-linear {self.pte_linear!r} is unknown; use one of {', '.join(PTE_LINEAR)}.")
+        if self.pte_linear == "linear_q4" and any(t != "onnx" for t in self.targets()):
+            from quant.torchao_schemes import resolve_scheme
+
+            if resolve_scheme(self.quant) != "8da4w":
+                raise UserError(f"--pte-linear linear_q4 computes 4-bit linears; it needs --quant int4, not "
+                                f"{self.quant!r} (or drop --pte-linear).")
         if self.for_lookup:
             if self.pte_attention == "custom_sdpa" or self.onnx_kv_cache == "sdpa":
                 raise UserError("--for-lookup needs a row-invariant attention (--pte-attention row_sdpa or "
@@ -136,6 +150,13 @@ class ExportConfig:
         while group > 16 and any(w % group for w in widths):
             group //= 2
         return group
+
+    def pte_linear_for(self, config: ModelConfig, scheme: str) -> str:
+        """The .pte's linears: --pte-linear, else linear_q4 for an 8da4w model above LINEAR_Q4_MIN_PARAMETERS."""
+        if self.pte_linear is not None:
+            return self.pte_linear
+        large = config.num_parameters() > LINEAR_Q4_MIN_PARAMETERS
+        return "linear_q4" if scheme == "8da4w" and large else "xnnpack"
 
     def targets(self) -> list[str]:
         return ["xnnpack", "onnx"] if self.backend == "all" else [self.backend]

@@ -59,38 +59,24 @@ class CustomOpKVCache(nn.Module):
         return torch.ops.llama.custom_sdpa(q, self.k, self.v, start, None, 0, True)
 
 
-_ROW_SDPA = []
+def row_sdpa(q, k_cache, v_cache, start_pos):
+    """layerskip::row_sdpa in torch: q: [1, T, H, D]; caches [1, S, H_kv, D] -> [1, T, H, D], row t attending keys
+    0 .. start_pos + t. Our kernel (runtime/kernels/row_sdpa.cpp) gives these rows to ~1e-6."""
+    t, h, d = q.shape[1:]
+    end, group = start_pos + t, h // k_cache.shape[2]
+    k = k_cache[0, :end].transpose(0, 1).repeat_interleave(group, 0)  # [H, L, D]
+    v = v_cache[0, :end].transpose(0, 1).repeat_interleave(group, 0)
+    scores = q[0].transpose(0, 1) @ k.transpose(1, 2) * d ** -0.5  # [H, T, L]
+    causal = torch.ones(t, end, dtype=torch.bool).tril(start_pos)
+    y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # [H, T, D]
+    return y.transpose(0, 1).unsqueeze(0).contiguous()
 
 
 def define_row_sdpa_op() -> None:
-    """layerskip::row_sdpa for torch (export and eager): its functional and out forms, computed here in torch.
-    ExecuTorch runs it through our kernel (runtime/kernels/row_sdpa.cpp), whose rows equal these to ~1e-6."""
-    if _ROW_SDPA:
-        return
-    lib = torch.library.Library("layerskip", "FRAGMENT")
-    lib.define("row_sdpa(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos) -> Tensor")
-    lib.define("row_sdpa.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, *, Tensor(a!) out) "
-               "-> Tensor(a!)")
+    from runtime.kernels import define_torch_op
 
-    def row_sdpa(q, k_cache, v_cache, start_pos):
-        """q: [1, T, H, D]; caches [1, S, H_kv, D] -> [1, T, H, D]: row t attends keys 0 .. start_pos + t."""
-        t, h, d = q.shape[1:]
-        end, group = start_pos + t, h // k_cache.shape[2]
-        k = k_cache[0, :end].transpose(0, 1).repeat_interleave(group, 0)  # [H, L, D]
-        v = v_cache[0, :end].transpose(0, 1).repeat_interleave(group, 0)
-        scores = q[0].transpose(0, 1) @ k.transpose(1, 2) * d ** -0.5  # [H, T, L]
-        causal = torch.ones(t, end, dtype=torch.bool).tril(start_pos)
-        y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # [H, T, D]
-        return y.transpose(0, 1).unsqueeze(0).contiguous()
-
-    def row_sdpa_out(q, k_cache, v_cache, start_pos, *, out):
-        return out.copy_(row_sdpa(q, k_cache, v_cache, start_pos))
-
-    lib.impl("row_sdpa", row_sdpa, "CompositeExplicitAutograd")
-    lib.impl("row_sdpa.out", row_sdpa_out, "CompositeExplicitAutograd")
-    torch.library.register_fake("layerskip::row_sdpa", lambda q, k_cache, v_cache, start_pos: torch.empty_like(q),
-                                lib=lib)
-    _ROW_SDPA.append(lib)
+    define_torch_op("row_sdpa", "Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos", row_sdpa,
+                    lambda q, k_cache, v_cache, start_pos: torch.empty_like(q))
 
 
 class RowSdpaKVCache(CustomOpKVCache):
@@ -556,6 +542,11 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     scheme = resolve_scheme(cfg.quant)
     backend = cfg.backend if cfg.backend in ("xnnpack", "portable") else "xnnpack"
     stages.run("quantize", quantize_model, model, scheme, cfg.group_size_for("pte", model.config, r.ckpt.recommended))
+    linear = cfg.pte_linear_for(model.config, scheme)
+    if linear == "linear_q4":
+        from quant.linear_q4 import use_linear_q4
+
+        use_linear_q4(model)
     prepare_for_executorch(model, r.max_seq_len, cfg.pte_attention, r.exit_layer)
     constants = runtime_constants(model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call)
     jobs = cfg.jobs or default_jobs(model)
@@ -564,8 +555,9 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
                cfg.max_tokens_per_call, r.num_speculations, backend, constants, directory / "model.pte", jobs)
     return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
                          methods=methods, quant=scheme, backend=backend,
-                         extra={"attention": cfg.pte_attention, **({"key_mask_methods": list(model.key_mask_methods)}
-                                                                   if model.key_mask is not None else {})})
+                         extra={"attention": cfg.pte_attention, "linear": linear,
+                                **({"key_mask_methods": list(model.key_mask_methods)} if model.key_mask is not None
+                                   else {})})
 
 
 def runtime_constants(model: Transformer, exit_layer: int, max_seq_len: int, max_tokens: int) -> dict[str, int]:

@@ -291,8 +291,10 @@ def export_clean(export_cfg) -> list[Path]:
     return [artifact_dir(export_cfg.out, t) for t in export_cfg.targets()]
 
 
-def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str, draft_vocab: int = 0) -> bool:
-    """An earlier sweep's artifact for the same checkpoint, exit layer, scheme, layout and draft vocabulary (reused)."""
+def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str, draft_vocab: int = 0,
+                      cfg=None) -> bool:
+    """An earlier sweep's artifact for the same checkpoint, exit layer, scheme, layout, draft vocabulary and .pte
+    linears (reused); `cfg`: the ExportConfig it would be exported with (else the defaults)."""
     from export.pipeline import ExportConfig
     from models.checkpoint import checkpoint_hash, read_checkpoint
     from runtime.artifact import read_manifest
@@ -305,9 +307,12 @@ def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str,
         return False
     scheme = resolve_onnx_scheme(quant) if m.format == "onnx" else resolve_scheme(quant)
     ckpt = read_checkpoint(model)
-    group_size = ExportConfig(model=model).group_size_for(m.format, ckpt.config, ckpt.recommended)
-    return (m.exit_layer, m.quant, m.group_size, m.draft_vocab, m.source.get("sha256")) == (
-        exit_layer, scheme, group_size, draft_vocab, checkpoint_hash(model))
+    cfg = cfg or ExportConfig(model=model)
+    group_size = cfg.group_size_for(m.format, ckpt.config, ckpt.recommended)
+    linear = m.extra.get("linear", "xnnpack") if m.format == "pte" else ""
+    expected = cfg.pte_linear_for(ckpt.config, scheme) if m.format == "pte" else ""
+    return (m.exit_layer, m.quant, m.group_size, m.draft_vocab, linear, m.source.get("sha256")) == (
+        exit_layer, scheme, group_size, draft_vocab, expected, checkpoint_hash(model))
 
 
 def export_grid(cfg: BenchConfig) -> list[Path]:

@@ -17,15 +17,15 @@ from runtime.errors import UserError
 
 def load_program(path, own_kernels: bool = False):
     """The program, with the kernels our graphs use registered (custom cache/SDPA ops, quantized ops; with
-    own_kernels, our row_sdpa: runtime/kernels)."""
+    own_kernels, our row_sdpa and linear_q4: runtime/kernels)."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
     from executorch.runtime import Runtime
 
     if own_kernels:
-        from runtime.kernels import load_row_sdpa
+        from runtime.kernels import load_kernels
 
-        load_row_sdpa()
+        load_kernels()
 
     try:
         return Runtime.get().load_program(path)
@@ -43,7 +43,8 @@ class ExecuTorchBackend:
 
             portable_lib._unsafe_reset_threadpool(threads)
         self.attention = manifest.extra.get("attention", "")  # export/to_pte.py: row_sdpa, row_invariant, ...
-        self.program = load_program(manifest.path("program"), own_kernels=self.attention == "row_sdpa")
+        self.program = load_program(manifest.path("program"), own_kernels=self.attention == "row_sdpa"
+                                    or manifest.extra.get("linear") == "linear_q4")
         for fact, expected in (("exit_layer", manifest.exit_layer), ("max_seq_len", manifest.max_seq_len),
                                ("max_tokens_per_call", manifest.max_tokens_per_call)):
             check_fact(manifest, fact, self._constant(fact), expected)

@@ -89,7 +89,7 @@ def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invar
     """--pte-attention row_invariant_drafts: a multi-row draft (tokens looked up in the context) leaves each
     row's layer-E state and verify logits with the bits of 1-token drafts, so --lookup equals plain decoding
     by construction; the draft method attends without custom_sdpa. (On this tiny model custom_sdpa's draft
-    rows happen to agree too at these positions; on SmolLM2 they do not, README "Eight sessions ago".)"""
+    rows happen to agree too at these positions; on SmolLM2 they do not, README "Nine sessions ago".)"""
     backend = open_artifact(row_invariant_drafts_pte.directory).backend
     (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
     assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
@@ -166,22 +166,96 @@ def test_row_sdpa_vectorized_path_matches_eager_and_keeps_rows_at_head_dim_64(tm
     assert np.array_equal(full_together, [np.array(backend.forward([t], pos + k)) for k, t in enumerate(tokens)][-1])
 
 
+def run_kernel_check(name: str, flags: tuple[str, ...], tmp_path) -> str:
+    """Builds tests/<name>.cpp (which includes a kernel's source) with the kernel's flags, runs it, returns its
+    output; skips a forced instruction set the machine's own build would not leave out."""
+    from runtime import kernels
+
+    cpu = Path("/proc/cpuinfo").read_text()
+    if any(f"-mno-{isa}" in flags and f" {isa}" not in cpu for isa in ("avx512f", "avx2")):
+        pytest.skip("the native build is that one here")
+    include, lib, _ = kernels.executorch_dirs()
+    program = tmp_path / name
+    source = Path(__file__).with_name(f"{name}.cpp")
+    subprocess.run(kernels.compile_command("g++", include, lib, program, (source,), shared=False, flags=flags),
+                   check=True)
+    done = subprocess.run([str(program)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    return done.stdout.strip()
+
+
 @pytest.mark.parametrize("flags", [(), ("-mno-avx512f",)], ids=["native", "avx2"])
 def test_row_sdpa_attention_keeps_its_bits_across_row_counts_and_cache_alignment(flags, tmp_path):
     """tests/row_sdpa_check.cpp drives the kernel's attention directly: rows keep their bits in calls of any row
     count, whatever the caches' offset from a 64-byte line (the AVX-512 path's aligned loads, 0..15 floats), and
     match attention in double; head_dim 16 / 32 / 64 / 128. Built as the machine targets it, and forced to AVX2."""
-    from runtime import kernels
+    assert run_kernel_check("row_sdpa_check", flags, tmp_path) == "ok"
 
-    if flags and "avx512f" not in Path("/proc/cpuinfo").read_text():
-        pytest.skip("the native build is the AVX2 one here")
-    include, lib, _ = kernels.executorch_dirs()
-    program = tmp_path / "row_sdpa_check"
-    source = Path(__file__).with_name("row_sdpa_check.cpp")
-    subprocess.run(kernels.compile_command("g++", include, lib, program, source, shared=False, flags=flags),
-                   check=True)
-    done = subprocess.run([str(program)], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout
+
+@pytest.mark.parametrize("flags,path", [((), ""), (("-mno-avx512f",), "avx2"), (("-mno-avx2",), "portable")],
+                         ids=["native", "avx2", "portable"])
+def test_linear_q4_keeps_its_bits_across_row_counts_and_instruction_sets(flags, path, tmp_path):
+    """tests/linear_q4_check.cpp drives the 4-bit linear directly: the vectorized path gives the portable loop's bits
+    in calls of 1..13 rows and over part of the blocks, a row the same bits in any call, and the exact integer sum's
+    value to the epilogue's rounding. Built as the machine targets it, forced to AVX2, and forced portable."""
+    out = run_kernel_check("linear_q4_check", flags, tmp_path)
+    assert out.startswith("ok (") and (not path or out == f"ok ({path})")
+
+
+@pytest.mark.parametrize("group_size", [0, 32], ids=["per_channel", "group32"])
+def test_linear_q4_matches_torchao_and_gives_a_row_the_bits_of_a_one_token_call(tiny_checkpoint, group_size,
+                                                                                 tmp_path):
+    """--pte-linear linear_q4: every linear of every method runs our kernel, whose numbers are torchao's 8da4w (to
+    float rounding), per output channel and per group of 32 inputs; rows keep their bits in calls of any row count in
+    every method, and greedy self-speculation, with and without lookup, equals plain decoding and the full call."""
+    from models.checkpoint import load_model
+    from quant.torchao_schemes import quantize_model
+    from runtime.eager import EagerBackend
+
+    m = export(tiny_checkpoint, tmp_path, quant="int4", group_size=group_size, pte_linear="linear_q4")
+    assert m.group_size == group_size and m.extra["linear"] == "linear_q4"
+    model, _ = load_model(tiny_checkpoint)
+    quantize_model(model, "int4", group_size)
+    expected = call_sequence(EagerBackend(model, m.exit_layer, m.max_seq_len))
+    backend = open_artifact(m.directory).backend
+    scale = max(float(np.abs(e).max()) for e in expected)
+    assert max_diff(call_sequence(backend), expected) <= 1e-4 * scale
+    together, alone = verify_together_and_alone(backend)
+    assert np.array_equal(together, alone)
+    (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
+    assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
+    ar = generate(backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False, full_model_baseline=True))
+    for lookup in (0, DEFAULT_LOOKUP):
+        spec = generate(backend, PROMPT, GenerationConfig(max_new_tokens=60, num_speculations=3, lookup=lookup))
+        assert spec.tokens == ar.tokens and 0 < spec.stats.accepted
+    layers, exit_layer = m.model_config["num_hidden_layers"], m.exit_layer
+    for method, linears in (("draft", 7 * exit_layer + 1), ("verify", 7 * (layers - exit_layer) + 1),
+                            ("forward", 7 * layers + 1)):  # q, k, v, o, gate, up, down per layer, and the head
+        assert instructions(m.path("program"), method)["layerskip::linear_q4"] == linears, method
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(quant="int8"), "--pte-linear linear_q4 computes 4-bit linears; it needs --quant int4, not 'int8'"),
+    (dict(quant="int4", pte_linear="fast"), "--pte-linear 'fast' is unknown; use one of xnnpack, linear_q4"),
+])
+def test_linear_q4_refuses_what_it_cannot_compute(tiny_checkpoint, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        ExportConfig(model=tiny_checkpoint, out=tmp_path, **{"pte_linear": "linear_q4", **flags})
+
+
+def test_linear_q4_is_the_default_for_large_int4_models_only():
+    """Without --pte-linear, 8da4w models above 300M parameters get our kernel (measured faster there), others and
+    other schemes XNNPACK's; an explicit choice stands."""
+    from export.pipeline import LINEAR_Q4_MIN_PARAMETERS
+    from runtime.scale import LLAMA_3_2_1B
+    from conftest import tiny_model
+
+    assert LLAMA_3_2_1B.num_parameters() > LINEAR_Q4_MIN_PARAMETERS
+    tiny = tiny_model().config
+    assert ExportConfig().pte_linear_for(LLAMA_3_2_1B, "8da4w") == "linear_q4"
+    assert ExportConfig().pte_linear_for(LLAMA_3_2_1B, "8da8w") == "xnnpack"
+    assert ExportConfig().pte_linear_for(tiny, "8da4w") == "xnnpack"
+    assert ExportConfig(pte_linear="xnnpack").pte_linear_for(LLAMA_3_2_1B, "8da4w") == "xnnpack"
 
 
 def test_the_row_sdpa_kernel_is_built_once_and_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
@@ -261,12 +335,17 @@ def test_int4_pte_matches_the_torchao_quantized_eager_model(tiny_checkpoint, whi
         assert spec.tokens == ar.tokens and 0 < spec.stats.accepted < spec.stats.drafted
 
 
-@pytest.mark.parametrize("quant", ["none", "int4"])
-def test_weights_are_stored_once(wide_checkpoint, tmp_path, quant):
-    """Draft and verify methods sharing weights cost no more than the full model alone as one method (+2%)."""
-    split = export(wide_checkpoint, tmp_path / "split", quant=quant, methods=("draft", "verify"))
-    full = export(wide_checkpoint, tmp_path / "full", quant=quant, methods=("forward",))
+@pytest.mark.parametrize("quant,linear", [("none", "xnnpack"), ("int4", "xnnpack"), ("int4", "linear_q4")])
+def test_weights_are_stored_once(wide_checkpoint, tmp_path, quant, linear):
+    """Draft and verify methods sharing weights cost no more than the full model alone as one method (+2%); with
+    linear_q4 the packed weights are constants of the program, which the serializer also stores once."""
+    split = export(wide_checkpoint, tmp_path / "split", quant=quant, methods=("draft", "verify"), pte_linear=linear)
+    full = export(wide_checkpoint, tmp_path / "full", quant=quant, methods=("forward",), pte_linear=linear)
     assert split.file_sizes["model.pte"] <= 1.02 * full.file_sizes["model.pte"]
+    if linear == "linear_q4":  # 4 bits a weight (0.5 bytes) and their scales, once
+        from models.config import ModelConfig
+
+        assert split.file_sizes["model.pte"] < 0.8 * ModelConfig.from_dict(split.model_config).num_parameters()
 
 
 def used_parameters(program) -> set[str]:

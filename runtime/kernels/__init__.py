@@ -1,11 +1,13 @@
-"""Our own ExecuTorch kernel, layerskip::row_sdpa.out (row_sdpa.cpp): causal attention over a KV cache that gives a
-query row the same bits whatever the number of rows in the call (export/to_pte.py: --pte-attention row_sdpa).
+"""Our own ExecuTorch kernels: layerskip::row_sdpa.out (row_sdpa.cpp), causal attention over a KV cache that gives a
+query row the same bits whatever the number of rows in the call (export/to_pte.py: --pte-attention row_sdpa), and
+layerskip::linear_q4.out (linear_q4.cpp), 4-bit linears in integer arithmetic whose rows share one pass over the
+weights (quant/linear_q4.py: --pte-linear linear_q4).
 
-ExecuTorch resolves a program's operators by name when a method loads, so the kernel must be registered in the
-process first: `load_row_sdpa()` compiles row_sdpa.cpp against the installed executorch's headers and runtime
-library (about a second, once per source, executorch version and machine; a C++17 compiler is needed), caches the
-shared library, and loads it, which registers the kernel. An app links row_sdpa.cpp into its ExecuTorch runtime
-instead (README, "Running .pte artifacts in an app").
+ExecuTorch resolves a program's operators by name when a method loads, so the kernels must be registered in the
+process first: `load_kernels()` compiles both sources into one library against the installed executorch's headers
+and runtime library (a few seconds, once per source, executorch version and machine; a C++17 compiler is needed),
+caches it, and loads it, which registers the kernels. An app links the sources into its ExecuTorch runtime instead
+(README, "Running .pte artifacts in an app").
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
-SOURCE = Path(__file__).with_name("row_sdpa.cpp")
+SOURCES = (Path(__file__).with_name("row_sdpa.cpp"), Path(__file__).with_name("linear_q4.cpp"))
 _loaded: list[Path] = []
 
 
@@ -39,13 +41,13 @@ def executorch_dirs() -> tuple[Path, Path, str]:
     return root / "include", root / "lib", __version__
 
 
-def compile_command(compiler: str, include: Path, lib: Path, out: Path, source: Path = SOURCE,
+def compile_command(compiler: str, include: Path, lib: Path, out: Path, sources: tuple[Path, ...] = SOURCES,
                     shared: bool = True, flags: tuple[str, ...] = ()) -> list[str]:
-    """The kernel library's build line (or, shared=False, a program's that includes the kernel's source)."""
+    """The kernel library's build line (or, shared=False, a program's that includes a kernel's source)."""
     # -march=native: the library is built on the machine that runs it (the cache key names the machine)
     return [compiler, "-O3", "-march=native", *flags, "-std=c++17", *(["-fPIC", "-shared"] if shared else []),
             "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_USE_THREADPOOL",
-            f"-I{include}", f"-I{include / 'executorch/runtime/core/portable_type/c10'}", str(source),
+            f"-I{include}", f"-I{include / 'executorch/runtime/core/portable_type/c10'}", *map(str, sources),
             f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}", "-o", str(out)]
 
 
@@ -53,22 +55,23 @@ def library() -> Path:
     """The built kernel library, compiled now if this source, executorch and machine have none yet."""
     include, lib, version = executorch_dirs()
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{version} {platform.machine()} {_cpu_model()} {compiler}".encode())
-    out = cache_dir() / f"librow_sdpa-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
+                         + f"{version} {platform.machine()} {_cpu_model()} {compiler}".encode())
+    out = cache_dir() / f"liblayerskip_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     if shutil.which(compiler) is None:
-        raise UserError(f"this .pte uses the row_sdpa kernel, built from {SOURCE.name} on first use, and no C++ "
-                        f"compiler '{compiler}' was found: install g++ (or set CXX), or export with "
-                        f"--pte-attention row_invariant.")
+        raise UserError(f"this .pte uses our kernels, built from {', '.join(s.name for s in SOURCES)} on first use, "
+                        f"and no C++ compiler '{compiler}' was found: install g++ (or set CXX), or export with "
+                        f"--pte-attention row_invariant --pte-linear xnnpack.")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
         done = subprocess.run(compile_command(compiler, include, lib, built), capture_output=True, text=True)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no output"])[0][:200]
-            raise UserError(f"building the row_sdpa kernel with {compiler} failed ({first}); check the compiler "
-                            f"and the executorch install, or export with --pte-attention row_invariant.")
+            raise UserError(f"building our kernels with {compiler} failed ({first}); check the compiler and the "
+                            f"executorch install, or export with --pte-attention row_invariant --pte-linear xnnpack.")
         os.replace(built, out)  # whole or not at all, also with two processes building at once
     return out
 
@@ -83,8 +86,29 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def load_row_sdpa() -> None:
-    """Registers layerskip::row_sdpa.out with ExecuTorch's runtime in this process (once)."""
+_torch_ops: dict[str, object] = {}
+
+
+def define_torch_op(name: str, args: str, compute, fake) -> None:
+    """layerskip::<name>(<args>) -> Tensor and its out form for torch (export and eager), once per process: computed by
+    `compute` (the kernel's reference in torch), shaped by `fake` while tracing. ExecuTorch runs the out form through
+    our kernel."""
+    if name in _torch_ops:
+        return
+    import torch
+
+    lib = torch.library.Library("layerskip", "FRAGMENT")
+    lib.define(f"{name}({args}) -> Tensor")
+    lib.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
+    lib.impl(name, compute, "CompositeExplicitAutograd")
+    lib.impl(f"{name}.out", lambda *inputs, out: out.copy_(compute(*inputs)), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"layerskip::{name}", fake, lib=lib)
+    _torch_ops[name] = lib
+
+
+def load_kernels() -> None:
+    """Registers layerskip::row_sdpa.out and layerskip::linear_q4.out with ExecuTorch's runtime in this process
+    (once)."""
     if _loaded:
         return
     from executorch.extension.pybindings import portable_lib  # noqa: F401  (the runtime the kernel registers in)
