@@ -62,8 +62,8 @@ struct Weights {
   }
 };
 
-// The weights' float side: s[g][n], in the weights' order (a group of blocks' scales together, group g of their
-// inputs by group g: [s[g] of its blocks 0..3][s[g + 1] ...], 16 channels each), and c[n].
+// The weights' float side: s[g][n] in the weights' order (a group of 4 blocks' scales together, by group of inputs:
+// [g = 0: blocks 0..3 x 16 channels][g = 1: ...]...), and c[n].
 struct Scales {
   const float* s;
   const float* sums;
