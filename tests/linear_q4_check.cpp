@@ -34,18 +34,17 @@ Layer make_layer(int64_t n, int64_t k, int64_t groups, std::mt19937& rng) {
   std::uniform_real_distribution<float> scale(0.001f, 0.1f);
   const int64_t blocks = n / kBlock;
   for (int64_t c = 0; c < n; ++c) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t group = c / kBlock / kGroup, width = std::min(kGroup, blocks - group * kGroup);
+    // blocks go in groups of 4 (the last may hold fewer): the group of c's block, and how many blocks it holds
+    const int64_t group = c / kBlock / kGroup, width = std::min(kGroup, blocks - group * kGroup);
+    for (int64_t g = 0; g < groups; ++g)
       l.scales[(group * kGroup * groups + g * width + (c / kBlock) % kGroup) * kBlock + c % kBlock] = scale(rng);
-    }
     double sum = 0.0;
     for (int64_t i = 0; i < k; ++i) {
       const int8_t q = static_cast<int8_t>(nibble(rng));
       l.q[c * k + i] = q;
       sum += static_cast<double>(q) * l.scale(i / (k / groups), c);
-      // byte 4 lane + j of chunk i / 8 of block c / 16 (blocks in groups of 4, their chunks interleaved): input j in
-      // the low nibble, 4 + j in the high one
-      const int64_t group = c / kBlock / kGroup, width = std::min(kGroup, blocks - group * kGroup);
+      // byte 4 lane + j of chunk i / 8 of block c / 16 (a group's chunks interleaved): input j in the low nibble,
+      // 4 + j in the high one
       const int64_t chunk_at = (group * kGroup * (k / kChunk) + (i / kChunk) * width + (c / kBlock) % kGroup) * 64;
       l.packed[chunk_at + (c % kBlock) * 4 + (i % 4)] |= static_cast<uint8_t>(q + 8) << ((i % kChunk) < 4 ? 0 : 4);
     }

@@ -49,17 +49,17 @@ constexpr int64_t kBlock = 16;  // output channels per block
 constexpr int64_t kChunk = 8;   // inputs per 64-byte chunk of a block
 constexpr int64_t kGroup = 4;   // blocks whose chunks are interleaved
 
+// The blocks in `block`'s group of 4 (the last group may hold fewer), of `blocks` in all.
+inline int64_t group_width(int64_t block, int64_t blocks) { return std::min(kGroup, blocks - block / kGroup * kGroup); }
+
 // The packed weights: where a block's chunk lies.
 struct Weights {
   const uint8_t* data;
   int64_t chunks, blocks;  // K / 8, N / 16
   const uint8_t* at(int64_t block, int64_t chunk) const {
-    const int64_t group = block / kGroup, width = std::min(kGroup, blocks - group * kGroup);
-    return data + (group * kGroup * chunks + chunk * width + block % kGroup) * 64;
+    return data + (block / kGroup * kGroup * chunks + chunk * group_width(block, blocks) + block % kGroup) * 64;
   }
-  int64_t stride(int64_t block) const {  // bytes from a chunk of `block` to its next
-    return std::min(kGroup, blocks - block / kGroup * kGroup) * 64;
-  }
+  int64_t stride(int64_t block) const { return group_width(block, blocks) * 64; }  // bytes to the block's next chunk
 };
 
 // The weights' float side: s[g][n] in the weights' order (a group of 4 blocks' scales together, by group of inputs:
@@ -69,8 +69,7 @@ struct Scales {
   const float* sums;
   int64_t n, groups;
   const float* at(int64_t block, int64_t g) const {  // the 16 scales of `block`'s channels for group g of inputs
-    const int64_t first = block / kGroup * kGroup, width = std::min(kGroup, n / kBlock - first);
-    return s + (first * groups + g * width + block % kGroup) * kBlock;
+    return s + (block / kGroup * kGroup * groups + g * group_width(block, n / kBlock) + block % kGroup) * kBlock;
   }
 };
 
