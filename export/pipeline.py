@@ -35,7 +35,7 @@ PTE_ATTENTION = ("row_invariant", "row_invariant_drafts", "row_sdpa", "custom_sd
 PTE_LINEAR = ("xnnpack", "linear_q4")  # the .pte's 4-bit linears: XNNPACK's, or ours (quant/linear_q4.py)
 # Where --pte-linear is not given, 8da4w models above this size get linear_q4: on the Llama-3.2-1B shape (groups of
 # 32) it predicts 1.16-1.59x at acceptance 0.8 against XNNPACK's 0.90-1.16x, its plain decoding as fast or faster
-# (README, "Latest"); models that fit the caches keep XNNPACK's kernels.
+# (README, "Previous session"); models that fit the caches keep XNNPACK's kernels.
 LINEAR_Q4_MIN_PARAMETERS = 300_000_000
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per
@@ -52,7 +52,7 @@ DEFAULT_GROUP_SIZE = {"pte": 32, "onnx": 128}
 # verifying (SmolLM2-135M: acceptance 0.01 at layer 8 of 30), so a step without a match in the context
 # decodes one token (tau 0.99), the exit at L/4 only splits the draft and verify calls, and at a large
 # vocabulary a draft head over 256 tokens keeps the exit's head out of each draft call (SmolLM2: 1.53 ->
-# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Seven sessions ago").
+# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Eight sessions ago").
 FOR_LOOKUP_UNTRAINED = {"draft_threshold": 0.99, "draft_vocab": 256, "large_vocab": 16384}
 
 

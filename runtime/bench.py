@@ -519,7 +519,8 @@ def lookup_table(runs: list[dict]) -> list[str]:
                  "what followed them (a repeating run continued), in one prefix call, or one call with the verify "
                  "where the artifact has draft_verify; a step without one, what followed its last token "
                  "(decoding.default_lookup_fallback), or exit drafts, guessed by cheap calls where the backend has "
-                 "them (decoding.default_exit_guesses); greedy output equals plain decoding by construction on "
+                 "them (decoding.default_exit_guesses), or one full-model call where that call is exact "
+                 "(decoding.default_unmatched_step); greedy output equals plain decoding by construction on "
                  "artifacts exported with --pad-drafts (.onnx) or --pte-attention row_sdpa / row_invariant_drafts "
                  "(.pte), as measured otherwise):", "",
              "| artifact | self-spec tok/s | with lookup tok/s | speedup | vs fastest plain | steps drafted by lookup "
@@ -542,10 +543,11 @@ def lookup_table(runs: list[dict]) -> list[str]:
 
 def step_costs(lookup: dict, modes: dict) -> str:
     """'148 (81%) / 252 (9%) / 337 (10%) / 222': the cost per token of each kind of step (decoding.generate:
-    lookup, lookup_1, exit), against plain decoding's."""
+    lookup, lookup_1, exit; 'plain' marks steps that matched nothing and made one full-model call), against plain
+    decoding's."""
     kinds = lookup.get("steps_by_kind", {})
-    parts = [f"{kinds[k]['us_per_token']:.0f} ({kinds[k]['token_share']:.0%})" if k in kinds else "-"
-             for k in ("lookup", "lookup_1", "exit")]
+    parts = [f"{kinds[k]['us_per_token']:.0f} ({kinds[k]['token_share']:.0%}){' plain' if k == 'plain' else ''}"
+             if k in kinds else "-" for k in ("lookup", "lookup_1", "plain" if "plain" in kinds else "exit")]
     full = modes.get("ar_full", {}).get("decode_tokens_per_s")
     return " / ".join(parts + [f"{1e6 / full:.0f}" if full else "-"])
 

@@ -19,7 +19,8 @@ distribution). Where the match reaches back further (a repeating run), a step ma
 (lookup_run, LOOKUP_RUN, RUN_MATCH). A step without such an occurrence looks up its last token alone (lookup_fallback,
 default_lookup_fallback); steps without either draft from the exit: on a backend with a cheap draft call
 (draft_guess: ONNX Runtime's unpadded one) and draft_verify, exit_guesses drafts made by cheap calls and verified
-with their prefix in one draft_verify call (exit_guess_step), elsewhere as above. The multi-row prefix
+with their prefix in one draft_verify call (exit_guess_step), elsewhere as above; or, where the full-model call has
+plain decoding's bits (unmatched_step "plain", default_unmatched_step), they are plain steps: one full-model call. The multi-row prefix
 call computes rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
 backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
 with --pad-drafts (runtime/onnx_backend.py) and .pte artifacts exported with --pte-attention row_sdpa
@@ -40,13 +41,13 @@ from runtime.backend import Backend, has_full_model
 
 
 # K of --lookup where it is on by default (artifacts exact for it): K = 5 decoded at least as fast as
-# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Eight sessions ago").
+# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Nine sessions ago").
 DEFAULT_LOOKUP = 5
 # A lookup whose match reaches back RUN_MATCH tokens or more (the context repeats a longer stretch, a run)
 # drafts up to LOOKUP_RUN's K, by backend; elsewhere K itself. XNNPACK's multi-row calls grow slowly with rows:
 # on the exact .pte, +1-4% over the previous rule (12 after a lookup step whose drafts were all accepted) in three
 # paired probes of the shipped model, +2-3% deep16, +-0 SmolLM2-135M. ONNX Runtime's int4 calls grow by ~90 us a
-# row: K 13 at a match of 8 cost 2-3% there (README, "Four sessions ago"; results/probe_lookup_runs.txt).
+# row: K 13 at a match of 8 cost 2-3% there (README, "Five sessions ago"; results/probe_lookup_runs.txt).
 LOOKUP_RUN = {"executorch": 12}
 RUN_MATCH = 8
 
@@ -54,13 +55,13 @@ RUN_MATCH = 8
 def default_lookup_fallback(backend, exit_guesses: int = 0) -> int:
     """K of a step whose last 2 tokens have no earlier occurrence but its last token has (drafts after a 1-token
     match, right about half the time), where --lookup-fallback is not given. Measured against exit drafts
-    there (README, "Four sessions ago"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the
+    there (README, "Five sessions ago"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the
     shipped model, deep16 and SmolLM2-135M), but 0 where its exit steps guess (exit_guesses > 0: the exit's first
     draft is right more often than the 1-token match, at one unpadded draft call more; deep16 +2.7%, the shipped
-    model even; README, "Three sessions ago"); XNNPACK with the row_invariant_drafts attention 5 where a lookup step is
+    model even; README, "Four sessions ago"); XNNPACK with the row_invariant_drafts attention 5 where a lookup step is
     one call (draft_verify: +5% shipped, +-0 deep16; as two calls, SmolLM2, -4%), but 0 with row_sdpa, whose exact
     draft calls cost half as much (deep16 higher in 4 of 4 paired rounds at tau 0.3, 3 of 4 at 0.1; the shipped model
-    even, 2 and 3 of 4; README, "Two sessions ago"); elsewhere 0."""
+    even, 2 and 3 of 4; README, "Three sessions ago"); elsewhere 0."""
     if backend.name.startswith("onnxruntime"):
         return 0 if exit_guesses else 1
     if backend.name == "executorch" and getattr(backend, "attention", "") != "row_sdpa":
@@ -74,6 +75,21 @@ def default_exit_guesses(backend) -> int:
     module docstring). At one draft, draft_verify's 2 rows cost what its 1 padded row does (README, "Previous
     session")."""
     return 1 if getattr(backend, "has_draft_guess", False) and getattr(backend, "has_draft_verify", False) else 0
+
+
+UNMATCHED_STEPS = ("exit", "plain")
+
+
+def default_unmatched_step(backend) -> str:
+    """What a step of --lookup does where neither lookup matched, when --unmatched-step is not given: "plain" (one
+    full-model call) on a .pte whose every method attends through row_sdpa, where that call has plain decoding's bits
+    and, with XNNPACK's weight cache, reads the packed weights the other methods read: above exit drafts in 7 of 8
+    paired rounds, +2.7% (deep16) and +3.3% (the shipped model) in the medians (README, "Latest"); elsewhere "exit"
+    (ONNX Runtime's full-model call parts from draft + verify on some prompts)."""
+    if backend.name == "executorch" and getattr(backend, "attention", "") == "row_sdpa" \
+            and getattr(backend, "has_forward", False):
+        return "plain"
+    return "exit"
 
 
 def check_draft_threshold(tau: float) -> float:
@@ -102,6 +118,8 @@ class GenerationConfig:
     lookup_fallback: Optional[int] = None  # K after a 1-token match where 2 have none; None: default_lookup_fallback
     # exit drafts by cheap calls and one verifying call, at most d (0: off; None: default_exit_guesses)
     exit_guesses: Optional[int] = None
+    # with lookup, a step that matched nothing: "exit" drafts, "plain" one full-model call (None: default_unmatched_step)
+    unmatched_step: Optional[str] = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -129,6 +147,9 @@ class GenerationConfig:
                             f"exact draft calls).")
         if self.lookup_ngram < 1:
             raise UserError(f"lookup_ngram {self.lookup_ngram} must be >= 1 (tokens matched).")
+        if self.unmatched_step is not None and self.unmatched_step not in UNMATCHED_STEPS:
+            raise UserError(f"--unmatched-step {self.unmatched_step!r} is unknown; use exit (drafts from the early exit) "
+                            f"or plain (one full-model call).")
 
     @property
     def greedy(self) -> bool:
@@ -149,7 +170,7 @@ class GenerationStats:
     steps: int = 0
     tokens_per_step: dict = field(default_factory=dict)  # histogram {tokens emitted in a step: steps}
     # by step kind ("lookup": drafts from the context, "lookup_1": after a 1-token match (lookup_fallback),
-    # "exit": drafts from the early exit, "plain": one token):
+    # "exit": drafts from the early exit, "plain": one token, in plain decoding or where lookup matched nothing):
     # tokens emitted and seconds spent, calls and the Python between them included
     step_tokens: dict = field(default_factory=dict)
     step_time_s: dict = field(default_factory=dict)
@@ -375,7 +396,8 @@ def prefill_full(calls: TimedBackend, backend: Backend, prompt: Sequence[int]) -
 
 def step_policy(backend, cfg: GenerationConfig) -> dict:
     """How a step drafts on this backend: cfg's settings with the backend's defaults filled in, checked against
-    the rows a call takes. {lookup, lookup_run, lookup_run_match, lookup_fallback, exit_guesses} (README commands)."""
+    the rows a call takes. {lookup, lookup_run, lookup_run_match, lookup_fallback, exit_guesses, unmatched_step}
+    (README commands)."""
     most = backend.max_tokens_per_call - 1
     for flag, k in (("--lookup", cfg.lookup), ("--lookup-run", cfg.lookup_run or 0),
                     ("--lookup-fallback", cfg.lookup_fallback or 0), ("--exit-guesses", cfg.exit_guesses or 0)):
@@ -387,8 +409,12 @@ def step_policy(backend, cfg: GenerationConfig) -> dict:
     guesses = default_exit_guesses(backend) if cfg.exit_guesses is None else cfg.exit_guesses
     fallback_k = (min(default_lookup_fallback(backend, guesses), most) if cfg.lookup_fallback is None
                   else cfg.lookup_fallback)
+    unmatched = cfg.unmatched_step or default_unmatched_step(backend)
+    if unmatched == "plain" and cfg.lookup and not has_full_model(backend):
+        raise UserError(f"--unmatched-step plain makes one full-model call, and the {backend.name} backend has none; "
+                        f"use --unmatched-step exit.")
     return {"lookup": cfg.lookup, "lookup_run": max(run_k, cfg.lookup), "lookup_run_match": cfg.lookup_run_match,
-            "lookup_fallback": fallback_k, "exit_guesses": guesses}
+            "lookup_fallback": fallback_k, "exit_guesses": guesses, "unmatched_step": unmatched}
 
 
 def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
@@ -399,6 +425,7 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
         raise UserError(f"the {backend.name} backend has no full-model method; drop --full-model.")
     policy = step_policy(backend, cfg)
     run_k, fallback_k, guesses = policy["lookup_run"], policy["lookup_fallback"], policy["exit_guesses"]
+    plain_unmatched = bool(cfg.lookup) and policy["unmatched_step"] == "plain"
     backend.reset()
     stats = GenerationStats(prompt_tokens=len(prompt))
     calls = TimedBackend(backend, stats)
@@ -423,6 +450,8 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
                 looked_up, kind = lookup_drafts(context, min(fallback_k, room), 1), "lookup_1"
             if looked_up:
                 accepted, new = lookup_step(calls, chooser, token, pos, looked_up)
+            elif plain_unmatched:
+                kind, (accepted, new) = "plain", autoregressive_step(calls, chooser, token, pos, True)
             elif guesses:
                 kind, (accepted, new) = "exit", exit_guess_step(calls, chooser, token, pos,
                                                                    min(guesses, cfg.num_speculations, room))

@@ -15,17 +15,19 @@ from runtime.artifact import Manifest, check_fact
 from runtime.errors import UserError
 
 
-def load_program(path, own_kernels: bool = False):
+def load_program(path, own_kernels: bool = False, share_weights: bool = True):
     """The program, with the kernels our graphs use registered (custom cache/SDPA ops, quantized ops; with
-    own_kernels, our row_sdpa and linear_q4: runtime/kernels)."""
+    own_kernels, our row_sdpa and linear_q4: runtime/kernels). Where our kernel library is loaded, XNNPACK packs a
+    weight once for all methods (share_weights; runtime.kernels.share_xnnpack_weights)."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
     from executorch.runtime import Runtime
 
     if own_kernels:
-        from runtime.kernels import load_kernels
+        from runtime.kernels import share_xnnpack_weights
 
-        load_kernels()
+        Runtime.get()  # the XNNPACK backend registered, to take the option
+        share_xnnpack_weights(share_weights)
 
     try:
         return Runtime.get().load_program(path)
@@ -54,12 +56,16 @@ class ExecuTorchBackend:
         self.max_tokens_per_call = manifest.max_tokens_per_call
         fused = "draft_greedy" in manifest.methods
         self.has_draft_verify = "draft_verify" in manifest.methods
+        self.has_forward = "forward" in manifest.methods
         self.fused_draft_length = manifest.num_speculations if fused else None
-        # Methods are loaded when first called (XNNPACK packs each method's weights again); `preload`
-        # (default: the self-speculative ones) up front, so that loading is not timed as decoding.
+        # Methods are loaded when first called; `preload` (default: the self-speculative ones, with forward where
+        # steps of --lookup that match nothing call it: decoding.default_unmatched_step) up front, so that loading is
+        # not timed as decoding. With XNNPACK's weight cache (load_program) a method packs only weights no method
+        # loaded before packed.
         self._loaded = {}
         default = ("draft", "verify") + (("draft_greedy",) if fused else ())
         default += ("draft_verify",) if self.has_draft_verify else ()
+        default += ("forward",) if self.has_forward and self.attention == "row_sdpa" else ()
         for name in preload if preload is not None else default:
             self._get(name)
         self.exit_cache = np.zeros((self.max_seq_len, manifest.shape.hidden_size), np.float32)  # layer-E hidden states

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from runtime.errors import UserError
-from runtime.decoding import (DEFAULT_LOOKUP, LOOKUP_RUN, RUN_MATCH, GenerationConfig, GenerationResult, generate,
-                              step_policy)
+from runtime.decoding import (DEFAULT_LOOKUP, LOOKUP_RUN, RUN_MATCH, UNMATCHED_STEPS, GenerationConfig,
+                              GenerationResult, generate, step_policy)
 from runtime.loader import Opened, open_artifact, open_checkpoint
 from runtime.rss import peak_rss_mb
 
@@ -96,6 +96,10 @@ def parse_args(argv=None):
                         "one) and verifies them with their prefix in one draft_verify call, which computes their rows "
                         "again with plain decoding's bits (0: exact draft calls and a verify call). Default: 1 on "
                         ".onnx artifacts exported for exact lookup, else 0")
+    p.add_argument("--unmatched-step", choices=UNMATCHED_STEPS,
+                   help="with --lookup: what a step does where no lookup matched: exit (draft from the early exit) or "
+                        "plain (one full-model call). Default: plain on .pte artifacts attending through row_sdpa "
+                        "(their full-model call has plain decoding's bits), else exit")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
             eos_token_ids=tuple(opened.eos_token_ids), full_model_baseline=args.full_model,
             draft_threshold=opened.draft_threshold, lookup=lookup_drafts_per_step(args.lookup, opened),
-            lookup_run=args.lookup_run, lookup_fallback=args.lookup_fallback, exit_guesses=args.exit_guesses)
+            lookup_run=args.lookup_run, lookup_fallback=args.lookup_fallback, exit_guesses=args.exit_guesses,
+            unmatched_step=args.unmatched_step)
         policy = step_policy(opened.backend, cfg)
         if not args.json:
             sys.stdout.write(prompt)
@@ -168,7 +173,8 @@ def main(argv=None) -> int:
         guesses = 0 if args.ar else policy["exit_guesses"]
         print(f"\n---\n[{'autoregressive' if args.ar else 'self-speculative'}, {opened.facts.get('backend')}, "
               f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}, tau={cfg.draft_threshold:g}"
-              f"{f', lookup {cfg.lookup}' if cfg.lookup else ''}{f', exit guesses {guesses}' if guesses else ''}] "
+              f"{f', lookup {cfg.lookup}' if cfg.lookup else ''}{f', exit guesses {guesses}' if guesses else ''}"
+              f"{', plain steps where no lookup matched' if cfg.lookup and policy['unmatched_step'] == 'plain' else ''}] "
               f"{stats.summary()}", file=sys.stderr)
     if stats.stop_reason == "max_seq_len":
         print(f"note: generation stopped at the cache's {opened.backend.max_seq_len} positions; "

@@ -89,7 +89,7 @@ def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invar
     """--pte-attention row_invariant_drafts: a multi-row draft (tokens looked up in the context) leaves each
     row's layer-E state and verify logits with the bits of 1-token drafts, so --lookup equals plain decoding
     by construction; the draft method attends without custom_sdpa. (On this tiny model custom_sdpa's draft
-    rows happen to agree too at these positions; on SmolLM2 they do not, README "Nine sessions ago".)"""
+    rows happen to agree too at these positions; on SmolLM2 they do not, README "Ten sessions ago".)"""
     backend = open_artifact(row_invariant_drafts_pte.directory).backend
     (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
     assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)
@@ -112,6 +112,30 @@ def test_lookup_is_on_by_default_only_where_it_is_exact(row_invariant_drafts_pte
     assert generate_cli_lookup(row_invariant_drafts_pte.directory, capsys, "--lookup", "0") == 0
     assert generate_cli_lookup(row_sdpa_pte.directory, capsys) == DEFAULT_LOOKUP
     assert generate_cli_lookup(row_invariant_pte.directory, capsys) == 0
+
+
+def test_steps_that_look_up_nothing_make_one_full_call_where_it_is_exact(row_sdpa_pte, row_invariant_drafts_pte):
+    """Where every method attends through row_sdpa the full-model call has plain decoding's bits, so a step of --lookup
+    that matched nothing is one full-model call by default (decoding.default_unmatched_step); output stays plain
+    decoding's either way. Elsewhere (the full-model call on caches of its own) such steps draft from the exit."""
+    from dataclasses import replace
+
+    from runtime.decoding import step_policy
+
+    backend = open_artifact(row_sdpa_pte.directory, threads=1).backend
+    cfg = GenerationConfig(max_new_tokens=60, num_speculations=3, lookup=DEFAULT_LOOKUP)
+    assert step_policy(backend, cfg)["unmatched_step"] == "plain"
+    plain = generate(backend, PROMPT, GenerationConfig(max_new_tokens=60, self_speculative=False,
+                                                       full_model_baseline=True))
+    by_default, by_exit = generate(backend, PROMPT, cfg), generate(backend, PROMPT, replace(cfg, unmatched_step="exit"))
+    assert by_default.tokens == by_exit.tokens == plain.tokens
+    assert by_default.stats.step_tokens.get("plain", 0) > 0 and "exit" not in by_default.stats.step_tokens
+    assert by_default.stats.full_calls > 0 and by_default.stats.lookup_steps > 0
+    assert by_exit.stats.step_tokens.get("exit", 0) > 0 and "plain" not in by_exit.stats.step_tokens
+    other = open_artifact(row_invariant_drafts_pte.directory, threads=1).backend
+    assert step_policy(other, cfg)["unmatched_step"] == "exit"
+    with pytest.raises(UserError, match="--unmatched-step 'full' is unknown"):
+        GenerationConfig(unmatched_step="full")
 
 
 def test_row_sdpa_gives_a_row_the_bits_of_a_one_token_call_in_every_method(row_sdpa_pte, monkeypatch):
@@ -346,6 +370,36 @@ def test_weights_are_stored_once(wide_checkpoint, tmp_path, quant, linear):
         from models.config import ModelConfig
 
         assert split.file_sizes["model.pte"] < 0.8 * ModelConfig.from_dict(split.model_config).num_parameters()
+
+
+LOAD_MORE_METHODS = """
+import sys
+from runtime import rss
+from runtime.executorch_backend import load_program
+program = load_program(sys.argv[1], own_kernels=True, share_weights=sys.argv[2] == "1")
+methods = [program.load_method(m) for m in ("draft", "verify")]
+before = rss.reset_peak_rss()
+methods += [program.load_method(m) for m in ("forward", "draft_verify")]
+print(rss.peak_rss_mb() - before)
+"""
+
+
+def test_methods_share_their_packed_weights(wide_checkpoint, tmp_path):
+    """With XNNPACK's weight cache (on wherever our kernels load) forward and draft_verify, loaded after draft and
+    verify, pack nothing again; without it each packs its own copy of every layer (so the measure can see it). In a
+    fresh process each: the option holds for the whole process."""
+    artifact = export(wide_checkpoint, tmp_path / "a", methods=("draft", "verify", "forward"))
+    assert artifact.methods == ["draft", "verify", "forward", "draft_verify"]
+    pte = read_manifest(tmp_path / "a" / "pte").path("program")
+    weights_mb = pte.stat().st_size / 2**20  # fp32, stored once
+
+    def grown_mb(share: bool) -> float:
+        done = subprocess.run([sys.executable, "-c", LOAD_MORE_METHODS, str(pte), str(int(share))], capture_output=True,
+                              text=True, cwd=Path(__file__).parents[1], check=True)
+        return float(done.stdout.strip().splitlines()[-1])
+
+    assert grown_mb(share=False) > 1.5 * weights_mb
+    assert grown_mb(share=True) < 0.5 * weights_mb
 
 
 def used_parameters(program) -> set[str]:

@@ -1,7 +1,8 @@
 """Our own ExecuTorch kernels: layerskip::row_sdpa.out (row_sdpa.cpp), causal attention over a KV cache that gives a
 query row the same bits whatever the number of rows in the call (export/to_pte.py: --pte-attention row_sdpa), and
 layerskip::linear_q4.out (linear_q4.cpp), 4-bit linears in integer arithmetic whose rows share one pass over the
-weights (quant/linear_q4.py: --pte-linear linear_q4).
+weights (quant/linear_q4.py: --pte-linear linear_q4). The same library carries one call into the runtime that its Python
+bindings lack (xnnpack_options.cpp): share_xnnpack_weights() turns on XNNPACK's weight cache.
 
 ExecuTorch resolves a program's operators by name when a method loads, so the kernels must be registered in the
 process first: `load_kernels()` compiles both sources into one library against the installed executorch's headers
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
-SOURCES = (Path(__file__).with_name("row_sdpa.cpp"), Path(__file__).with_name("linear_q4.cpp"))
-_loaded: list[Path] = []
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("row_sdpa.cpp", "linear_q4.cpp", "xnnpack_options.cpp"))
+_loaded: list[ctypes.CDLL] = []  # the kernel library, once loaded
 
 
 def cache_dir() -> Path:
@@ -114,5 +115,14 @@ def load_kernels() -> None:
     from executorch.extension.pybindings import portable_lib  # noqa: F401  (the runtime the kernel registers in)
 
     path = library()
-    ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-    _loaded.append(path)
+    _loaded.append(ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL))
+
+
+def share_xnnpack_weights(enabled: bool = True) -> bool:
+    """XNNPACK's weight cache on (or off) for the programs this process loads from now on: a weight is packed once and
+    every method naming the same constant reuses it, where each method packed its own copy before. The .pte's methods
+    share their layers, so a process holding draft, verify, draft_verify and forward keeps one packed copy of each
+    layer: less memory, and calls that take turns read the same packed weights (README, "Latest"). True where the
+    runtime took the option."""
+    load_kernels()
+    return _loaded[0].layerskip_xnnpack_weight_cache(int(enabled)) == 0
