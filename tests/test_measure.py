@@ -102,7 +102,7 @@ def test_the_lookup_mode_is_measured_beside_the_others_and_tabled(tiny_checkpoin
                                                                           out["ar_full"]["decode_tokens_per_s"]))
     assert "lookup_step_fraction" not in out["spec"]
     assert lk["step_policy"] == {"lookup": 4, "lookup_run": 4, "lookup_run_match": decoding.RUN_MATCH,
-                                 "lookup_fallback": 0, "exit_guesses": 0}
+                                 "lookup_fallback": 0, "exit_guesses": 0, "unmatched_step": "exit"}
     kinds = lk["steps_by_kind"]  # each kind of step's share of the tokens and its cost per token
     assert set(kinds) == {"lookup", "exit"} and sum(k["token_share"] for k in kinds.values()) == pytest.approx(1.0)
     assert all(k["us_per_token"] > 0 for k in kinds.values()) and set(out["spec"]["steps_by_kind"]) == {"exit"}

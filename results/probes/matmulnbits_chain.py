@@ -2,7 +2,7 @@
 
 A chain of 48 square 2048 x 2048 linears (201M weights, 100 MB at 4 bits), quantized by ONNX Runtime's
 MatMulNBitsQuantizer (symmetric, accuracy level 4: int8 activations, as our exports), run on 1..5 rows;
-median of 5 x 5 calls. With --split, the same chain at a fixed row count with each linear's rows split into
+median of 5 x 30 calls. With --split, the same chain at a fixed row count with each linear's rows split into
 several MatMulNBits calls on the same weights (Split -> MatMulNBits each -> Concat): whether calls of fewer rows
 cost less in all.
 
@@ -12,13 +12,13 @@ cost less in all.
 """
 import argparse
 import logging
-import statistics
-import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+from matmulnbits_rows import ms_per_call  # this folder's: median of 5 x 30 calls
 
 K, LAYERS = 2048, 48
 
@@ -51,18 +51,6 @@ def session(model: bytes, threads: int) -> ort.InferenceSession:
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
-def ms_per_call(s: ort.InferenceSession, x: np.ndarray) -> float:
-    for _ in range(3):
-        s.run(None, {"x": x})
-    runs = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(5):
-            s.run(None, {"x": x})
-        runs.append(1e3 * (time.perf_counter() - t) / 5)
-    return statistics.median(runs)
 
 
 def main() -> None:
