@@ -20,10 +20,10 @@ distribution). Where the match reaches back further (a repeating run), a step ma
 default_lookup_fallback); steps without either draft from the exit: on a backend with a cheap draft call
 (draft_guess: ONNX Runtime's unpadded one) and draft_verify, exit_guesses drafts made by cheap calls and verified
 with their prefix in one draft_verify call (exit_guess_step), elsewhere as above; or, where the full-model call has
-plain decoding's bits (unmatched_step "plain", default_unmatched_step), they are plain steps: one full-model call. The multi-row prefix
-call computes rows that plain decoding computes one at a time, so greedy output equals plain decoding as far as the
-backend's kernels give a row the same bits at any row count: by construction on .onnx artifacts exported
-with --pad-drafts (runtime/onnx_backend.py) and .pte artifacts exported with --pte-attention row_sdpa
+plain decoding's bits (unmatched_step "plain", default_unmatched_step), they are plain steps: one full-model call.
+The multi-row prefix call computes rows that plain decoding computes one at a time, so greedy output equals plain
+decoding as far as the backend's kernels give a row the same bits at any row count: by construction on .onnx
+artifacts exported with --pad-drafts (runtime/onnx_backend.py) and .pte artifacts exported with --pte-attention row_sdpa
 or row_invariant_drafts (export/to_pte.py), as measured elsewhere (README).
 """
 
@@ -83,9 +83,9 @@ UNMATCHED_STEPS = ("exit", "plain")
 def default_unmatched_step(backend) -> str:
     """What a step of --lookup does where neither lookup matched, when --unmatched-step is not given: "plain" (one
     full-model call) on a .pte whose every method attends through row_sdpa, where that call has plain decoding's bits
-    and, with XNNPACK's weight cache, reads the packed weights the other methods read: above exit drafts in 7 of 8
-    paired rounds, +2.7% (deep16) and +3.3% (the shipped model) in the medians (README, "Latest"); elsewhere "exit"
-    (ONNX Runtime's full-model call parts from draft + verify on some prompts)."""
+    and, with XNNPACK's weight cache, reads the packed weights the other methods read: above exit steps in 11 of 12
+    paired rounds, 1.323x vs 1.262x plain decoding (the shipped model) and 1.630x vs 1.536x (deep16) in the medians
+    (README, "Latest"); elsewhere "exit" (ONNX Runtime's full-model call parts from draft + verify on some prompts)."""
     if backend.name == "executorch" and getattr(backend, "attention", "") == "row_sdpa" \
             and getattr(backend, "has_forward", False):
         return "plain"
@@ -118,7 +118,8 @@ class GenerationConfig:
     lookup_fallback: Optional[int] = None  # K after a 1-token match where 2 have none; None: default_lookup_fallback
     # exit drafts by cheap calls and one verifying call, at most d (0: off; None: default_exit_guesses)
     exit_guesses: Optional[int] = None
-    # with lookup, a step that matched nothing: "exit" drafts, "plain" one full-model call (None: default_unmatched_step)
+    # with lookup, a step that matched nothing: "exit" drafts, "plain" one full-model call
+    # (None: default_unmatched_step)
     unmatched_step: Optional[str] = None
 
     def __post_init__(self):
@@ -148,8 +149,8 @@ class GenerationConfig:
         if self.lookup_ngram < 1:
             raise UserError(f"lookup_ngram {self.lookup_ngram} must be >= 1 (tokens matched).")
         if self.unmatched_step is not None and self.unmatched_step not in UNMATCHED_STEPS:
-            raise UserError(f"--unmatched-step {self.unmatched_step!r} is unknown; use exit (drafts from the early exit) "
-                            f"or plain (one full-model call).")
+            raise UserError(f"--unmatched-step {self.unmatched_step!r} is unknown; use exit (drafts from the early "
+                            f"exit) or plain (one full-model call).")
 
     @property
     def greedy(self) -> bool:

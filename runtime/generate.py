@@ -171,10 +171,11 @@ def main(argv=None) -> int:
                                        "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}}))
     else:
         guesses = 0 if args.ar else policy["exit_guesses"]
+        plain_unmatched = not args.ar and cfg.lookup and policy["unmatched_step"] == "plain"
         print(f"\n---\n[{'autoregressive' if args.ar else 'self-speculative'}, {opened.facts.get('backend')}, "
               f"E={opened.facts.get('exit_layer')}, d={cfg.num_speculations}, tau={cfg.draft_threshold:g}"
               f"{f', lookup {cfg.lookup}' if cfg.lookup else ''}{f', exit guesses {guesses}' if guesses else ''}"
-              f"{', plain steps where no lookup matched' if cfg.lookup and policy['unmatched_step'] == 'plain' else ''}] "
+              f"{', plain steps where no lookup matched' if plain_unmatched else ''}] "
               f"{stats.summary()}", file=sys.stderr)
     if stats.stop_reason == "max_seq_len":
         print(f"note: generation stopped at the cache's {opened.backend.max_seq_len} positions; "

@@ -45,6 +45,9 @@ def test_lookup_reaches_the_decoding_loop(tiny_checkpoint, capsys, monkeypatch):
     assert (guessing["settings"]["exit_guesses"], guessing["settings"]["lookup_fallback"]) == (2, 3)
     assert guessing["stats"]["drafted"] == 2 * guessing["stats"]["steps"]  # two guesses a step: no threshold here
     assert looked_up["tokens"] == run_json(capsys, *common)["tokens"]
+    assert looked_up["settings"]["unmatched_step"] == "exit"  # eager: exit drafts where nothing matched
+    plain = run_json(capsys, *common, "--lookup", "6", "--unmatched-step", "plain")
+    assert plain["settings"]["unmatched_step"] == "plain" and plain["stats"]["full_calls"] == plain["stats"]["steps"]
 
 
 def test_streaming_prints_the_text_and_a_summary(tiny_checkpoint, capsys):
