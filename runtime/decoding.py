@@ -201,7 +201,8 @@ class GenerationStats:
              f"TTFT {self.time_to_first_token_s * 1000:.0f} ms")
         if self.drafted:
             s += (f", acceptance {self.acceptance_rate:.2f}, {self.mean_tokens_per_step:.2f} tokens/step, "
-                  f"{self.draft_calls} draft + {self.verify_calls} verify calls")
+                  f"{self.draft_calls} draft + {self.verify_calls} verify"
+                  f"{f' + {self.full_calls} full-model' if self.full_calls else ''} calls")
         if self.lookup_steps:
             s += f", {self.lookup_steps} of {self.steps} steps drafted by lookup"
         return s + f" (stop: {self.stop_reason})"

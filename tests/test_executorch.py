@@ -131,6 +131,7 @@ def test_steps_that_look_up_nothing_make_one_full_call_where_it_is_exact(row_sdp
     assert by_default.tokens == by_exit.tokens == plain.tokens
     assert by_default.stats.step_tokens.get("plain", 0) > 0 and "exit" not in by_default.stats.step_tokens
     assert by_default.stats.full_calls > 0 and by_default.stats.lookup_steps > 0
+    assert f"+ {by_default.stats.full_calls} full-model calls" in by_default.stats.summary()
     assert by_exit.stats.step_tokens.get("exit", 0) > 0 and "plain" not in by_exit.stats.step_tokens
     other = open_artifact(row_invariant_drafts_pte.directory, threads=1).backend
     assert step_policy(other, cfg)["unmatched_step"] == "exit"
