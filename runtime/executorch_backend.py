@@ -23,14 +23,14 @@ def load_program(path, own_kernels: bool = False, share_weights: bool = True):
     import executorch.kernels.quantized  # noqa: F401
     from executorch.runtime import Runtime
 
+    executorch_runtime = Runtime.get()  # the XNNPACK backend registered, to take the option below
     if own_kernels:
         from runtime.kernels import share_xnnpack_weights
 
-        Runtime.get()  # the XNNPACK backend registered, to take the option
         share_xnnpack_weights(share_weights)
 
     try:
-        return Runtime.get().load_program(path)
+        return executorch_runtime.load_program(path)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"'{path}' is not a loadable ExecuTorch program ({str(e).splitlines()[0]}); "
                         f"it is corrupt or from another version: re-export it.") from None

@@ -5,7 +5,7 @@ weights (quant/linear_q4.py: --pte-linear linear_q4). The same library carries o
 bindings lack (xnnpack_options.cpp): share_xnnpack_weights() turns on XNNPACK's weight cache.
 
 ExecuTorch resolves a program's operators by name when a method loads, so the kernels must be registered in the
-process first: `load_kernels()` compiles both sources into one library against the installed executorch's headers
+process first: `load_kernels()` compiles the sources into one library against the installed executorch's headers
 and runtime library (a few seconds, once per source, executorch version and machine; a C++17 compiler is needed),
 caches it, and loads it, which registers the kernels. An app links the sources into its ExecuTorch runtime instead
 (README, "Running .pte artifacts in an app").
