@@ -43,9 +43,11 @@ def parse_args(argv=None) -> ExportConfig:
                    help="most tokens per draft/verify call; prompts are fed in chunks of this size")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS,
                    help="xnnpack or portable (.pte), onnx (.onnx), all (xnnpack + onnx)")
-    p.add_argument("--onnx-kv-cache", default=d.onnx_kv_cache, choices=("gqa", "sdpa"),
-                   help="ONNX KV cache: gqa (ONNX Runtime's GroupQueryAttention, updated in place; default) "
-                        "or sdpa (standard ONNX ops only)")
+    p.add_argument("--onnx-kv-cache", default=d.onnx_kv_cache, choices=("row", "gqa", "sdpa"),
+                   help="ONNX attention and KV cache: row (default: our custom op layerskip.RowAttention, "
+                        "runtime/kernels/ort_ops.cpp, built with g++ on first use, the app registers its library; "
+                        "caches updated in place), gqa (ONNX Runtime's GroupQueryAttention in its place: no library "
+                        "to ship, slower) or sdpa (standard ONNX ops only)")
     p.add_argument("--pte-attention", default=d.pte_attention, choices=PTE_ATTENTION,
                    help=".pte attention: row_sdpa (default; our kernel, runtime/kernels/row_sdpa.cpp, built on "
                         "first use with g++, in every method on one set of caches: a token's logits have the same "
@@ -60,6 +62,11 @@ def parse_args(argv=None) -> ExportConfig:
                         "rows of a call in one pass over the weights, so that a d+1-row verify of a model too large "
                         "for the caches costs little more than a 1-row call). Default: linear_q4 for int4 models "
                         f"above {LINEAR_Q4_MIN_PARAMETERS // 10**6}M parameters, else xnnpack")
+    p.add_argument("--onnx-linear", default=d.onnx_linear, choices=("matmulnbits", "linear_q4"),
+                   help=".onnx 4-bit linears (--quant int4): linear_q4 (default: ONNX Runtime's 4-bit weights and "
+                        "scales through our custom op layerskip.LinearQ4, runtime/kernels/ort_ops.cpp, activations to "
+                        "8 bits per row, so a row has the same bits in any call, and the rows of a call share one pass "
+                        "over the weights) or matmulnbits (ONNX Runtime's MatMulNBits: no library to ship, slower)")
     p.add_argument("--fused-draft", action="store_true",
                    help="also export draft_greedy (.pte only): d greedy drafts in one call; measured no faster "
                         "than d draft calls on XNNPACK here, and it packs the prefix weights a second time")
@@ -92,7 +99,7 @@ def parse_args(argv=None) -> ExportConfig:
     return ExportConfig(model=a.model, exit_layer=a.exit_layer, num_speculations=a.num_speculations, quant=a.quant,
                         group_size=a.group_size, max_seq_len=a.max_seq_len, max_tokens_per_call=a.max_tokens_per_call,
                         backend=a.backend, out=a.out, onnx_kv_cache=a.onnx_kv_cache, pte_attention=a.pte_attention,
-                        pte_linear=a.pte_linear,
+                        pte_linear=a.pte_linear, onnx_linear=a.onnx_linear,
                         draft_vocab=a.draft_vocab, draft_threshold=a.draft_threshold, jobs=a.jobs,
                         pad_drafts=a.pad_drafts, for_lookup=a.for_lookup, draft_verify=not a.no_draft_verify,
                         methods=DEFAULT_METHODS + ((FUSED_DRAFT_METHOD,) if a.fused_draft else ()))

@@ -1,6 +1,11 @@
 """KV caches for the ONNX graphs: the cache tensors are graph inputs, not module buffers.
 
-gqa (default): ONNX Runtime's com.microsoft GroupQueryAttention. The runtime binds each layer's
+row (default): ONNX Runtime's graphs below (gqa) with our custom operator layerskip.RowAttention
+    (runtime/kernels/ort_ops.cpp) in place of GroupQueryAttention, swapped in after the norms are fused
+    (export/to_onnx.py): same inputs, same in-place caches, the attention of our .pte kernel (a query row has
+    the same bits whatever the number of rows in the call), about half ONNX Runtime's CPU cost for it at 1-2
+    rows. The session registers our op library (runtime/kernels: ort_ops_library).
+gqa: ONNX Runtime's com.microsoft GroupQueryAttention. The runtime binds each layer's
     past_key input and present_key output to the same [1, H_kv, S, D] buffer, so the op writes the
     new rows in place and attends over positions < total_sequence_length only: no cache copies, no
     work on unused positions, and rollback is passing a smaller position. The op also takes the
@@ -21,7 +26,8 @@ from torch import nn
 
 from models.model import Attention, Transformer, apply_rope, grouped_sdpa
 
-ATTENTION_KINDS = ("gqa", "sdpa")
+ATTENTION_KINDS = ("gqa", "row", "sdpa")
+FUSED_KINDS = ("gqa", "row")  # traced with FusedAttention; the cache buffer shared by past and present
 
 
 @torch.library.custom_op("layerskip::group_query_attention", mutates_args=())
@@ -137,4 +143,4 @@ class SDPACache:
         return y.reshape(1, n_heads, t, d)
 
 
-CACHE_KINDS = {"gqa": GQACache, "sdpa": SDPACache}
+CACHE_KINDS = {"gqa": GQACache, "row": GQACache, "sdpa": SDPACache}

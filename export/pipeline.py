@@ -35,7 +35,7 @@ PTE_ATTENTION = ("row_invariant", "row_invariant_drafts", "row_sdpa", "custom_sd
 PTE_LINEAR = ("xnnpack", "linear_q4")  # the .pte's 4-bit linears: XNNPACK's, or ours (quant/linear_q4.py)
 # Where --pte-linear is not given, 8da4w models above this size get linear_q4: on the Llama-3.2-1B shape (groups of
 # 32) it predicts 1.16-1.59x at acceptance 0.8 against XNNPACK's 0.90-1.16x, its plain decoding as fast or faster
-# (README, "Previous session"); models that fit the caches keep XNNPACK's kernels.
+# (README, "Two sessions ago"); models that fit the caches keep XNNPACK's kernels.
 LINEAR_Q4_MIN_PARAMETERS = 300_000_000
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per
@@ -52,7 +52,7 @@ DEFAULT_GROUP_SIZE = {"pte": 32, "onnx": 128}
 # verifying (SmolLM2-135M: acceptance 0.01 at layer 8 of 30), so a step without a match in the context
 # decodes one token (tau 0.99), the exit at L/4 only splits the draft and verify calls, and at a large
 # vocabulary a draft head over 256 tokens keeps the exit's head out of each draft call (SmolLM2: 1.53 ->
-# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Eight sessions ago").
+# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Nine sessions ago").
 FOR_LOOKUP_UNTRAINED = {"draft_threshold": 0.99, "draft_vocab": 256, "large_vocab": 16384}
 
 
@@ -76,9 +76,10 @@ class ExportConfig:
     backend: str = "xnnpack"
     out: Path = Path("artifacts")
     methods: tuple[str, ...] = DEFAULT_METHODS
-    onnx_kv_cache: str = "gqa"  # "gqa" (ONNX Runtime contrib op, in-place) or "sdpa" (standard ops only)
+    onnx_kv_cache: str = "row"  # "row" (our op, in place), "gqa" (ONNX Runtime's contrib op, in place), "sdpa" (standard)
     pte_attention: str = "row_sdpa"  # a row gets the same bits whatever the row count (export/to_pte.py)
     pte_linear: Optional[str] = None  # "linear_q4": 8da4w linears through our kernel; None: pte_linear_for()
+    onnx_linear: Optional[str] = None  # int4 .onnx linears: "linear_q4" (our op), "matmulnbits"; None: onnx_linear_for
     draft_vocab: int = 0  # K > 0: drafts exit through a head over the K most frequent tokens only
     draft_threshold: Optional[float] = None  # tau stored in the manifest; None: the checkpoint's recommended (or 0)
     jobs: Optional[int] = None  # processes lowering .pte methods at once; None: the cores this process may use
@@ -95,6 +96,16 @@ class ExportConfig:
             raise UserError(f"--onnx-kv-cache {self.onnx_kv_cache!r} is unknown; use one of {', '.join(ATTENTION_KINDS)}.")
         if self.pte_attention not in PTE_ATTENTION:
             raise UserError(f"--pte-attention {self.pte_attention!r} is unknown; use one of {', '.join(PTE_ATTENTION)}.")
+        from quant.onnx_schemes import ONNX_LINEARS
+
+        if self.onnx_linear is not None and self.onnx_linear not in ONNX_LINEARS:
+            raise UserError(f"--onnx-linear {self.onnx_linear!r} is unknown; use one of {', '.join(ONNX_LINEARS)}.")
+        if self.onnx_linear == "linear_q4" and "onnx" in self.targets():
+            from quant.onnx_schemes import resolve_onnx_scheme
+
+            if resolve_onnx_scheme(self.quant) != "int4":
+                raise UserError(f"--onnx-linear linear_q4 computes 4-bit linears; it needs --quant int4, not "
+                                f"{self.quant!r} (or drop --onnx-linear).")
         if self.pte_linear is not None and self.pte_linear not in PTE_LINEAR:
             raise UserError(f"--pte-linear {self.pte_linear!r} is unknown; use one of {', '.join(PTE_LINEAR)}.")
         if self.pte_linear == "linear_q4" and any(t != "onnx" for t in self.targets()):
@@ -106,7 +117,7 @@ class ExportConfig:
         if self.for_lookup:
             if self.pte_attention == "custom_sdpa" or self.onnx_kv_cache == "sdpa":
                 raise UserError("--for-lookup needs a row-invariant attention (--pte-attention row_sdpa or "
-                                "row_invariant_drafts, --onnx-kv-cache gqa); drop --pte-attention custom_sdpa / "
+                                "row_invariant_drafts, --onnx-kv-cache gqa or row); drop --pte-attention custom_sdpa / "
                                 "--onnx-kv-cache sdpa.")
             if self.pte_attention == "row_invariant":
                 self.pte_attention = "row_invariant_drafts"
@@ -137,6 +148,16 @@ class ExportConfig:
             scheme = resolve_onnx_scheme(self.quant) if target == "onnx" else resolve_scheme(self.quant)
             if scheme != "none" and self.group_size is not None:
                 check_layout(target, self.group_size)
+
+    def onnx_linear_for(self) -> str:
+        """The .onnx linears: as given, else our layerskip.LinearQ4 at int4 (on the shipped model 1.25x vs 1.04x
+        self-speculation over plain decoding through MatMulNBits, plain decoding itself 1.38x faster; README,
+        "Latest") and ONNX Runtime's MatMulNBits at int8 (our op computes 4 bits only)."""
+        from quant.onnx_schemes import resolve_onnx_scheme
+
+        if self.onnx_linear is not None:
+            return self.onnx_linear
+        return "linear_q4" if resolve_onnx_scheme(self.quant) == "int4" else "matmulnbits"
 
     def group_size_for(self, target: str, config: ModelConfig, recommended: Optional[dict] = None) -> int:
         """target: "onnx", or "xnnpack" / "portable" / "pte" for the .pte; `recommended`: the checkpoint's

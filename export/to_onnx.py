@@ -24,7 +24,7 @@ from torch import nn
 from torch.export import Dim
 
 from export.methods import example_inputs, method_module, output_names
-from export.onnx_attention import CACHE_KINDS, fused_attention
+from export.onnx_attention import CACHE_KINDS, FUSED_KINDS, fused_attention
 from runtime.artifact import cache_input_names, cache_output_names, method_layers
 from runtime.errors import UserError
 from models.model import Transformer
@@ -60,14 +60,14 @@ def trace_all(model: Transformer, exit_layer: int, max_seq_len: int, max_tokens:
     x, pos = example_inputs("all", model)
     past = [torch.zeros(1, c.num_key_value_heads, max_seq_len, c.head_dim) for _ in range(2 * len(layers))]
     with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp, \
-            (fused_attention(model, max_seq_len) if kind == "gqa" else nullcontext()):
+            (fused_attention(model, max_seq_len) if kind in FUSED_KINDS else nullcontext()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, (x, pos, past),
             dynamic_shapes={"x": {1: Dim("tokens", min=1, max=max_tokens)}, "input_pos": None, "past": [None] * len(past)},
             input_names=["tokens", "input_pos", *cache_input_names(layers)],
             output_names=output_names("all") + cache_output_names(layers),
-            opset_version=OPSET, custom_translation_table=translation_table() if kind == "gqa" else None,
+            opset_version=OPSET, custom_translation_table=translation_table() if kind in FUSED_KINDS else None,
             dynamo=True, optimize=True, verbose=False)
         # Round-trip through disk so that models over protobuf's 2 GB limit work too.
         program.save(str(Path(tmp) / "m.onnx"), external_data=True)
@@ -155,6 +155,27 @@ def fuse_norms(proto: onnx.ModelProto) -> onnx.ModelProto:
     return model.model
 
 
+def to_row_attention(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every GroupQueryAttention node -> our layerskip.RowAttention on the same inputs (without the two it leaves
+    empty: q|k|v comes packed) and outputs (runtime/kernels/ort_ops.cpp)."""
+    from onnx import helper
+
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            assert node.input[1] == node.input[2] == "", "GroupQueryAttention with separate key and value inputs"
+            heads = {a.name: a.i for a in node.attribute}
+            node = helper.make_node("RowAttention", [node.input[0], *node.input[3:9]], list(node.output),
+                                    name=node.name, domain="layerskip", num_heads=heads["num_heads"],
+                                    kv_num_heads=heads["kv_num_heads"])
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    if not any(o.domain == "layerskip" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("layerskip", 1))
+    return proto
+
+
 def split_exit_norm(proto: onnx.ModelProto) -> onnx.ModelProto:
     """In place, for a graph that outputs `hidden` and runs on past it (draft_verify): the residual Add that
     makes `hidden` and layer E's input norm as two nodes, Add + SimplifiedLayerNormalization, the ops that
@@ -190,8 +211,10 @@ def cut_methods(combined: onnx.ModelProto, methods: list[str], exit_layer: int, 
             proto.CopyFrom(combined)
         proto = cut(proto, *method_io(name, exit_layer, num_layers))
         proto.graph.name = name
-        if kind == "gqa":
+        if kind in FUSED_KINDS:
             proto = split_exit_norm(fuse_norms(proto))
+        if kind == "row":  # after the fusions, which infer shapes through GroupQueryAttention, not through our op
+            proto = to_row_attention(proto)
         proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=str(v)) for k, v in {
             "layerskip.method": name, "layerskip.exit_layer": exit_layer, "layerskip.max_seq_len": max_seq_len,
             "layerskip.kv_cache": kind}.items())
@@ -227,12 +250,22 @@ def save_shared(protos: dict[str, onnx.ModelProto], directory: Path) -> dict[str
     return files
 
 
-def check(directory: Path, files: dict[str, str]) -> None:
+def uses_our_ops(kind: str, linear: str) -> bool:
+    """Whether the graphs call our custom ops (runtime/kernels/ort_ops.cpp), which a session must register."""
+    return kind == "row" or linear == "linear_q4"
+
+
+def check(directory: Path, files: dict[str, str], our_ops: bool) -> None:
     """Each graph loads in ONNX Runtime, the runtime it is for (onnx.checker does not know the
-    ONNX-domain ops ONNX Runtime adds, such as SimplifiedLayerNormalization)."""
+    ONNX-domain ops ONNX Runtime adds, such as SimplifiedLayerNormalization), with our op library where the graphs
+    call our ops."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if our_ops:
+        from runtime.kernels import ort_ops_library
+
+        so.register_custom_ops_library(str(ort_ops_library()))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     for role, file in files.items():
@@ -255,8 +288,14 @@ def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
     combined = stages.run("quantize", quantize, combined, scheme, cfg.group_size_for("onnx", model.config, r.ckpt.recommended))
     protos = stages.run("cut", cut_methods, combined, methods, r.exit_layer, r.max_seq_len, kind,
                         model.config.num_hidden_layers)
+    linear = cfg.onnx_linear_for()
+    if linear == "linear_q4":
+        from quant.onnx_schemes import to_linear_q4
+
+        protos = stages.run("repack", lambda methods: {name: to_linear_q4(p) for name, p in methods.items()}, protos)
     files = stages.run("save", save_shared, protos, directory)
-    stages.run("check", check, directory, files)
+    stages.run("check", check, directory, files, uses_our_ops(kind, linear))
     return base_manifest(cfg, r, model, format="onnx", files=files, file_sizes={}, methods=methods,
                          quant=scheme, backend="onnxruntime",
-                         extra={"kv_cache": kind, **({"pad_drafts": True} if cfg.pad_drafts else {})})
+                         extra={"kv_cache": kind, **({"pad_drafts": True} if cfg.pad_drafts else {}),
+                                **({"linear": linear} if scheme != "none" else {})})

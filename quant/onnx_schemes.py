@@ -9,6 +9,11 @@
 
 torchao's 8da4w numerics (the .pte) are not carried into ONNX: ONNX Runtime fuses only its own
 MatMulNBits layout into its fast kernels, so each target uses the quantizer its runtime is fast with.
+
+--onnx-linear linear_q4 (int4): the MatMulNBits nodes' 4-bit weights and scales, unchanged, repacked for our custom
+op layerskip.LinearQ4 (runtime/kernels/ort_ops.cpp, the .pte's linear_q4 kernel), which quantizes activations to 8
+bits per row instead of per block: every row of a call has the bits it has alone, and the rows share one pass over
+the weights.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import onnx
 from runtime.errors import UserError
 
 ONNX_SCHEMES = ("none", "int4", "int8")
+ONNX_LINEARS = ("matmulnbits", "linear_q4")
 ALIASES = {"fp32": "none", "8da4w": "int4", "8da8w": "int8"}
 
 
@@ -135,3 +141,61 @@ def quantize(proto: onnx.ModelProto, scheme: str, group_size: int) -> onnx.Model
     if scheme == "none":
         return proto
     return quantize_graph(proto, 4 if scheme == "int4" else 8, group_size)
+
+
+def matmulnbits_weights(node: onnx.NodeProto, initializers: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A symmetric 4-bit MatMulNBits node's weights as (q [N, K] int8 in -8..7, scales [N, K/block] fp32):
+    B [N, K/block, block/2] holds input 2i of a block in byte i's low nibble and 2i+1 in its high one, as u = q + 8."""
+    from onnx import numpy_helper
+
+    attrs = {a.name: a.i for a in node.attribute}
+    n, k = attrs["N"], attrs["K"]
+    packed = numpy_helper.to_array(initializers[node.input[1]])  # [N, K/block, block/2]
+    u = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, -1)[:, :k]  # [N, K]
+    scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)
+    return u.astype(np.int8) - 8, scales.astype(np.float32)
+
+
+def to_linear_q4(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every 4-bit MatMulNBits node -> layerskip.LinearQ4 on the same weights and scales, repacked
+    (quant/linear_q4.py's layout). All or none: a graph keeping some MatMulNBits would keep their odd-row-count
+    bits (runtime/onnx_backend.py), so a node the kernel cannot take (N not a multiple of 16, K not of the block,
+    zero points, a bias) is refused in one line. Run on each method's graph after its norms are fused (ONNX
+    Runtime's fusions do not see through an op they have no schema for); equal tensors are stored once on disk."""
+    import torch
+    from onnx import helper, numpy_helper
+
+    from quant.linear_q4 import BLOCK, CHUNK, pack, pack_scales
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+        if (attrs.get("bits", 4) != 4 or len([x for x in node.input if x]) != 3 or n % BLOCK or k % block
+                or block % CHUNK or k >= 2**19):
+            raise UserError(f"--onnx-linear linear_q4 cannot take the {k}x{n} linear '{node.name}' (needs 4 bits, "
+                            f"no zero points or bias, outputs a multiple of {BLOCK}, inputs of the block "
+                            f"{block}); use --onnx-linear matmulnbits.")
+        q, scales = matmulnbits_weights(node, initializers)
+        weight_sums = (q.astype(np.float64).reshape(n, scales.shape[1], -1) * scales[:, :, None]).sum((1, 2))
+        tensors = {"q4": pack(torch.from_numpy(q)).numpy(), "q4_scales": pack_scales(torch.from_numpy(scales)).numpy(),
+                   "q4_sums": weight_sums.astype(np.float32)}
+        names = []
+        for suffix, value in tensors.items():
+            name = f"{node.input[1]}_{suffix}"
+            if name not in initializers:
+                initializers[name] = numpy_helper.from_array(np.ascontiguousarray(value), name)
+                graph.initializer.append(initializers[name])
+            names.append(name)
+        nodes.append(helper.make_node("LinearQ4", [node.input[0], *names], list(node.output), name=node.name + "_q4",
+                                      domain="layerskip"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "layerskip" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("layerskip", 1))
+    return prune(proto)

@@ -72,10 +72,10 @@ class ModelShape:
 
 def exact_for_lookup(target: str, pad_drafts: bool, onnx_kv_cache: str, pte_attention: str) -> bool:
     """Whether an artifact for `target` ("onnx", else a .pte) gives each row of a multi-row draft call the
-    bits of a 1-row one (export.py --pad-drafts on the default gqa graphs, --pte-attention
+    bits of a 1-row one (export.py --pad-drafts on the gqa or row graphs, --pte-attention
     row_invariant_drafts or row_sdpa): then greedy decoding with --lookup equals plain decoding."""
     if target == "onnx":
-        return pad_drafts and onnx_kv_cache == "gqa"
+        return pad_drafts and onnx_kv_cache in ("gqa", "row")
     return pte_attention in ("row_invariant_drafts", "row_sdpa")
 
 

@@ -329,7 +329,7 @@ def artifact_label(facts: dict) -> str:
     """e.g. 'pte/xnnpack 8da4w', 'pte/xnnpack 8da4w row_invariant', 'onnx/onnxruntime matmulnbits-int4 sdpa',
     '... draft vocab 1024'."""
     label = f"{facts['backend']} {facts.get('quant', 'fp32')}"
-    for key, default in (("kv_cache", "gqa"), ("attention", "custom_sdpa")):
+    for key, default in (("kv_cache", "row"), ("attention", "custom_sdpa")):
         if facts.get(key, default) != default:
             label += f" {facts[key]}"
     return label + (f" draft vocab {facts['draft_vocab']}" if facts.get("draft_vocab") else "")

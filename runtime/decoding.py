@@ -41,27 +41,28 @@ from runtime.backend import Backend, has_full_model
 
 
 # K of --lookup where it is on by default (artifacts exact for it): K = 5 decoded at least as fast as
-# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Nine sessions ago").
+# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Ten sessions ago").
 DEFAULT_LOOKUP = 5
 # A lookup whose match reaches back RUN_MATCH tokens or more (the context repeats a longer stretch, a run)
 # drafts up to LOOKUP_RUN's K, by backend; elsewhere K itself. XNNPACK's multi-row calls grow slowly with rows:
 # on the exact .pte, +1-4% over the previous rule (12 after a lookup step whose drafts were all accepted) in three
 # paired probes of the shipped model, +2-3% deep16, +-0 SmolLM2-135M. ONNX Runtime's int4 calls grow by ~90 us a
-# row: K 13 at a match of 8 cost 2-3% there (README, "Five sessions ago"; results/probe_lookup_runs.txt).
+# row: K 13 at a match of 8 cost 2-3% there (README, "Six sessions ago"; results/probe_lookup_runs.txt).
 LOOKUP_RUN = {"executorch": 12}
 RUN_MATCH = 8
 
 
 def default_lookup_fallback(backend, exit_guesses: int = 0) -> int:
-    """K of a step whose last 2 tokens have no earlier occurrence but its last token has (drafts after a 1-token
-    match, right about half the time), where --lookup-fallback is not given. Measured against exit drafts
-    there (README, "Five sessions ago"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the
-    shipped model, deep16 and SmolLM2-135M), but 0 where its exit steps guess (exit_guesses > 0: the exit's first
-    draft is right more often than the 1-token match, at one unpadded draft call more; deep16 +2.7%, the shipped
-    model even; README, "Four sessions ago"); XNNPACK with the row_invariant_drafts attention 5 where a lookup step is
-    one call (draft_verify: +5% shipped, +-0 deep16; as two calls, SmolLM2, -4%), but 0 with row_sdpa, whose exact
-    draft calls cost half as much (deep16 higher in 4 of 4 paired rounds at tau 0.3, 3 of 4 at 0.1; the shipped model
-    even, 2 and 3 of 4; README, "Three sessions ago"); elsewhere 0."""
+    """K of a step whose last 2 tokens have no earlier occurrence but its last token has (drafts after a 1-token match,
+    right about half the time), where --lookup-fallback is not given. Measured against exit drafts there (README,
+    "Six sessions ago"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the shipped model,
+    deep16 and SmolLM2-135M; and beside plain unmatched steps on artifacts whose rows need no padding, 1.321x vs
+    1.265x and 1.670x vs 1.621x in 5 paired rounds, README "Latest"), but 0 where its exit steps guess (exit_guesses
+    > 0: the exit's first draft is right more often than the 1-token match, at one unpadded draft call more; deep16
+    +2.7%, the shipped model even; README, "Five sessions ago"); XNNPACK with the row_invariant_drafts attention 5
+    where a lookup step is one call (draft_verify: +5% shipped, +-0 deep16; as two calls, SmolLM2, -4%), but 0 with
+    row_sdpa, whose exact draft calls cost half as much (deep16 higher in 4 of 4 paired rounds at tau 0.3, 3 of 4 at
+    0.1; the shipped model even, 2 and 3 of 4; README, "Four sessions ago"); elsewhere 0."""
     if backend.name.startswith("onnxruntime"):
         return 0 if exit_guesses else 1
     if backend.name == "executorch" and getattr(backend, "attention", "") != "row_sdpa":
@@ -82,12 +83,17 @@ UNMATCHED_STEPS = ("exit", "plain")
 
 def default_unmatched_step(backend) -> str:
     """What a step of --lookup does where neither lookup matched, when --unmatched-step is not given: "plain" (one
-    full-model call) on a .pte whose every method attends through row_sdpa, where that call has plain decoding's bits
-    and, with XNNPACK's weight cache, reads the packed weights the other methods read: above exit steps in 11 of 12
-    paired rounds, 1.323x vs 1.262x plain decoding (the shipped model) and 1.630x vs 1.536x (deep16) in the medians
-    (README, "Latest"); elsewhere "exit" (ONNX Runtime's full-model call parts from draft + verify on some prompts)."""
+    call through every layer, plain_call's) on a .pte whose every method attends through row_sdpa, where the
+    full-model call has plain decoding's bits and, with XNNPACK's weight cache, reads the packed weights the other
+    methods read: above exit steps in 11 of 12 paired rounds, 1.323x vs 1.262x plain decoding (the shipped model) and
+    1.630x vs 1.536x (deep16) in the medians (README, "Previous session"); and on an .onnx artifact whose calls give
+    every row its bits unpadded (our attention and linear ops) and that has draft_verify: 1.336x vs 1.325x (shipped),
+    1.423x vs 1.372x (deep16) in the medians of 5 paired rounds, where exit steps cost 335 / 530 us a token against
+    plain decoding's 254 / 417 (README, "Latest"); elsewhere "exit"."""
     if backend.name == "executorch" and getattr(backend, "attention", "") == "row_sdpa" \
             and getattr(backend, "has_forward", False):
+        return "plain"
+    if getattr(backend, "rows_alike", False) and getattr(backend, "has_draft_verify", False):
         return "plain"
     return "exit"
 
@@ -408,13 +414,15 @@ def step_policy(backend, cfg: GenerationConfig) -> dict:
                             f"{most + 1}; use {flag} {most} or fewer.")
     # K where the match reaches back lookup_run_match tokens (a backend's default is cut to what fits)
     run_k = min(LOOKUP_RUN.get(backend.name, 0), most) if cfg.lookup_run is None else cfg.lookup_run
-    guesses = default_exit_guesses(backend) if cfg.exit_guesses is None else cfg.exit_guesses
+    unmatched = cfg.unmatched_step or default_unmatched_step(backend)
+    # exit guesses draft the steps that match nothing: none by default where those are plain steps
+    guesses = ((default_exit_guesses(backend) if unmatched == "exit" else 0) if cfg.exit_guesses is None
+               else cfg.exit_guesses)
     fallback_k = (min(default_lookup_fallback(backend, guesses), most) if cfg.lookup_fallback is None
                   else cfg.lookup_fallback)
-    unmatched = cfg.unmatched_step or default_unmatched_step(backend)
-    if unmatched == "plain" and cfg.lookup and not has_full_model(backend):
-        raise UserError(f"--unmatched-step plain makes one full-model call, and the {backend.name} backend has none; "
-                        f"use --unmatched-step exit.")
+    if unmatched == "plain" and cfg.lookup and plain_call(backend) is None:
+        raise UserError(f"--unmatched-step plain makes one call through every layer, and the {backend.name} backend "
+                        f"has none; use --unmatched-step exit.")
     return {"lookup": cfg.lookup, "lookup_run": max(run_k, cfg.lookup), "lookup_run_match": cfg.lookup_run_match,
             "lookup_fallback": fallback_k, "exit_guesses": guesses, "unmatched_step": unmatched}
 
@@ -453,7 +461,7 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
             if looked_up:
                 accepted, new = lookup_step(calls, chooser, token, pos, looked_up)
             elif plain_unmatched:
-                kind, (accepted, new) = "plain", autoregressive_step(calls, chooser, token, pos, True)
+                kind, (accepted, new) = "plain", one_call_step(calls, chooser, token, pos, plain_call(backend))
             elif guesses:
                 kind, (accepted, new) = "exit", exit_guess_step(calls, chooser, token, pos,
                                                                    min(guesses, cfg.num_speculations, room))
@@ -481,6 +489,22 @@ def autoregressive_step(calls: TimedBackend, chooser: TokenChooser, token: int, 
     else:
         calls.draft([token], pos)
         logits = calls.verify(pos, 1)[0]
+    return 0, [chooser.choose(logits)[0]]
+
+
+def plain_call(backend) -> Optional[str]:
+    """The call a plain step of --lookup makes (unmatched_step "plain"): "draft_verify" on ONNX Runtime where the
+    artifact has it (its rows have the bits of plain decoding's draft + verify calls; the full-model call parts from
+    them on some prompts); else "forward", the full-model call (on a .pte attending through row_sdpa with plain
+    decoding's bits), where there is one; None without either."""
+    if backend.name.startswith("onnxruntime") and getattr(backend, "has_draft_verify", False):
+        return "draft_verify"
+    return "forward" if has_full_model(backend) else None
+
+
+def one_call_step(calls: TimedBackend, chooser: TokenChooser, token: int, pos: int, via: str) -> tuple[int, list[int]]:
+    """One token through every layer in one call (plain_call's)."""
+    logits = calls.draft_verify([token], pos)[0] if via == "draft_verify" else calls.forward([token], pos)
     return 0, [chooser.choose(logits)[0]]
 
 

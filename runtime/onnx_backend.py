@@ -1,9 +1,15 @@
 """The ONNX Runtime backend: draft.onnx / verify.onnx (and forward.onnx) with I/O binding.
 
 Nothing large is copied between calls: each layer's KV cache is one buffer bound as both the
-`past` input and the `present` output (GroupQueryAttention updates it in place), and the layer-E
+`past` input and the `present` output (the attention op updates it in place), and the layer-E
 hidden states are written by `draft` straight into the exit cache and read from it by `verify`,
 by binding pointers into that buffer.
+
+Default int4 artifacts attend and multiply through our custom ops (layerskip.RowAttention and
+layerskip.LinearQ4, runtime/kernels/ort_ops.cpp; the session registers their library): every call
+gives a row the bits it has alone (rows_alike), so no call is padded and greedy self-speculation,
+with or without lookup, equals plain decoding by construction. What follows is the rule for graphs
+with ONNX Runtime's own ops (--onnx-kv-cache gqa, --onnx-linear matmulnbits), which do not:
 
 Verify calls carry at least 2 rows, and an even number at MatMulNBits blocks of 64 and more. ONNX
 Runtime's CPU kernels compute a row with other bits when it is alone: GroupQueryAttention at one
@@ -91,8 +97,13 @@ class OnnxMethod:
         import onnxruntime as ort
 
         path = manifest.path(name)
+        options = session_options(threads)
+        if manifest.extra.get("kv_cache") == "row" or manifest.extra.get("linear") == "linear_q4":  # our ops
+            from runtime.kernels import ort_ops_library
+
+            options.register_custom_ops_library(str(ort_ops_library()))
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
+            self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             first = str(e).splitlines()[0][:200]
             raise UserError(f"'{path}' could not be loaded by ONNX Runtime ({first}); the artifact is corrupt "
@@ -112,7 +123,7 @@ class OnnxMethod:
         self.position_bound = False
         self.layers = method_layers(name, manifest.exit_layer, manifest.shape.num_layers)
         self.present_names = cache_output_names(self.layers)
-        self.shared_cache = meta.get("layerskip.kv_cache", "gqa") == "gqa"
+        self.shared_cache = meta.get("layerskip.kv_cache", "gqa") in ("gqa", "row")
         self.past_buffers: list[tuple[str, object]] = []
         for i, past, present in zip([l for l in self.layers for _ in (0, 1)], cache_input_names(self.layers),
                                     cache_output_names(self.layers)):
@@ -179,7 +190,12 @@ class OnnxBackend:
         self.exit_cache = self._buffer(ort, [self.max_seq_len, self.dim])
         self._exit_cache_pointer = self.exit_cache.data_ptr()
         self.logits = np.zeros((self.max_tokens_per_call + 1, c.vocab_size), np.float32)  # + a pairing row
-        self.verify_row_multiple = 2 if manifest.quant != "none" and manifest.group_size >= 64 else 1
+        self.verify_row_multiple = 2 if (manifest.quant != "none" and manifest.group_size >= 64
+                                         and manifest.extra.get("linear") != "linear_q4") else 1
+        # GroupQueryAttention computes one query row apart: its calls take 2 rows or more; ours need not
+        self.min_rows = 1 if manifest.extra.get("kv_cache") == "row" else 2
+        # every call gives a row the bits it has alone, unpadded (our attention op, and fp32 MatMul or our linear op)
+        self.rows_alike = self.min_rows == 1 and self.verify_row_multiple == 1
         self.pad_drafts = bool(manifest.extra.get("pad_drafts"))  # module docstring
         self.has_draft_verify = "draft_verify" in manifest.methods
         self.token_ids = np.zeros(self.max_seq_len, np.int64)  # the token drafted at each position (--pad-drafts)
@@ -242,7 +258,7 @@ class OnnxBackend:
 
     def padded_rows(self, count: int) -> int:
         """The rows a call of `count` rows reaches ONNX Runtime with when padded (module docstring)."""
-        return max(2, count + count % self.verify_row_multiple)
+        return max(self.min_rows, count + count % self.verify_row_multiple)
 
     def padded_tokens(self, tokens, pos) -> tuple[list, int]:
         """(tokens, start) of a draft-like call of `tokens` at pos as it reaches ONNX Runtime (--pad-drafts,

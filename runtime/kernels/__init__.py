@@ -4,6 +4,10 @@ layerskip::linear_q4.out (linear_q4.cpp), 4-bit linears in integer arithmetic wh
 weights (quant/linear_q4.py: --pte-linear linear_q4). The same library carries one call into the runtime that its Python
 bindings lack (xnnpack_options.cpp): share_xnnpack_weights() turns on XNNPACK's weight cache.
 
+ONNX Runtime gets the same attention as a custom operator, layerskip.RowAttention (ort_ops.cpp, --onnx-kv-cache row),
+in a library of its own built without ExecuTorch (`ort_ops_library()`), so that an app decoding .onnx artifacts needs
+only onnxruntime, numpy and a compiler, or the prebuilt library.
+
 ExecuTorch resolves a program's operators by name when a method loads, so the kernels must be registered in the
 process first: `load_kernels()` compiles the sources into one library against the installed executorch's headers
 and runtime library (a few seconds, once per source, executorch version and machine; a C++17 compiler is needed),
@@ -25,6 +29,8 @@ from pathlib import Path
 from runtime.errors import UserError
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("row_sdpa.cpp", "linear_q4.cpp", "xnnpack_options.cpp"))
+ORT_SOURCES = (Path(__file__).with_name("ort_ops.cpp"),)
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("row_attention.h", "linear_q4.h", "ort_api.h"))  # in both libraries' keys
 _loaded: list[ctypes.CDLL] = []  # the kernel library, once loaded
 
 
@@ -52,29 +58,46 @@ def compile_command(compiler: str, include: Path, lib: Path, out: Path, sources:
             f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}", "-o", str(out)]
 
 
-def library() -> Path:
-    """The built kernel library, compiled now if this source, executorch and machine have none yet."""
-    include, lib, version = executorch_dirs()
+def _build(name: str, sources: tuple[Path, ...], extra: str, command, what: str, fallback: str) -> Path:
+    """The library `name` built from `sources`, compiled now if these sources (and headers), `extra` and this machine
+    have none yet; `command(compiler, out)` is its build line."""
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
-                         + f"{version} {platform.machine()} {_cpu_model()} {compiler}".encode())
-    out = cache_dir() / f"liblayerskip_kernels-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in (*sources, *HEADERS))
+                         + f"{extra} {platform.machine()} {_cpu_model()} {compiler}".encode())
+    out = cache_dir() / f"lib{name}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     if shutil.which(compiler) is None:
-        raise UserError(f"this .pte uses our kernels, built from {', '.join(s.name for s in SOURCES)} on first use, "
-                        f"and no C++ compiler '{compiler}' was found: install g++ (or set CXX), or export with "
-                        f"--pte-attention row_invariant --pte-linear xnnpack.")
+        raise UserError(f"{what} uses our kernels, built from {', '.join(s.name for s in sources)} on first use, "
+                        f"and no C++ compiler '{compiler}' was found: install g++ (or set CXX), or {fallback}.")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        done = subprocess.run(compile_command(compiler, include, lib, built), capture_output=True, text=True)
+        done = subprocess.run(command(compiler, built), capture_output=True, text=True)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no output"])[0][:200]
-            raise UserError(f"building our kernels with {compiler} failed ({first}); check the compiler and the "
-                            f"executorch install, or export with --pte-attention row_invariant --pte-linear xnnpack.")
+            raise UserError(f"building our kernels with {compiler} failed ({first}); check the compiler, or "
+                            f"{fallback}.")
         os.replace(built, out)  # whole or not at all, also with two processes building at once
     return out
+
+
+def library() -> Path:
+    """The built ExecuTorch kernel library, compiled now if this source, executorch and machine have none yet."""
+    include, lib, version = executorch_dirs()
+    return _build("layerskip_kernels", SOURCES, version,
+                  lambda compiler, out: compile_command(compiler, include, lib, out),
+                  "this .pte", "export with --pte-attention row_invariant --pte-linear xnnpack")
+
+
+def ort_ops_library() -> Path:
+    """The built ONNX Runtime custom-op library (layerskip.RowAttention), compiled now if needed: needs no
+    ExecuTorch, only a C++17 compiler. SessionOptions.register_custom_ops_library(str(path)) makes a session know the
+    op."""
+    return _build("layerskip_ort_ops", ORT_SOURCES, "onnxruntime-abi-13",
+                  lambda compiler, out: [compiler, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared",
+                                         "-fvisibility=hidden", *map(str, ORT_SOURCES), "-o", str(out)],
+                  "this .onnx artifact (--onnx-kv-cache row)", "re-export with --onnx-kv-cache gqa")
 
 
 def _cpu_model() -> str:
@@ -122,7 +145,7 @@ def share_xnnpack_weights(enabled: bool = True) -> bool:
     """XNNPACK's weight cache on (or off) for the programs this process loads from now on: a weight is packed once and
     every method naming the same constant reuses it, where each method packed its own copy before. The .pte's methods
     share their layers, so a process holding draft, verify, draft_verify and forward keeps one packed copy of each
-    layer: less memory, and calls that take turns read the same packed weights (README, "Latest"). True where the
+    layer: less memory, and calls that take turns read the same packed weights (README, "Previous session"). True where the
     runtime took the option."""
     load_kernels()
     return _loaded[0].layerskip_xnnpack_weight_cache(int(enabled)) == 0

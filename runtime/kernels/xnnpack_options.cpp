@@ -4,7 +4,7 @@
 //
 // With the weight cache on, XNNPACK packs a weight once per process and every delegate that names the same constant
 // data reuses it: the .pte methods (draft, verify, draft_verify, forward) share their packed layers instead of each
-// holding its own copy (README, "Latest"). It applies to programs loaded after the call.
+// holding its own copy (README, "Previous session"). It applies to programs loaded after the call.
 
 #include <executorch/runtime/backend/interface.h>
 #include <executorch/runtime/backend/options.h>

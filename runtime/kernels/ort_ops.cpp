@@ -1,0 +1,238 @@
+// Our ONNX Runtime custom operators (domain "layerskip"), the kernels of our .pte in ONNX Runtime's calling convention:
+//
+// RowAttention -- GroupQueryAttention's job in our .onnx graphs (--onnx-kv-cache row), done by the attention of our
+// .pte kernel (row_attention.h), so that a query row has the same bits whatever the number of rows in the call, at a
+// fraction of ONNX Runtime's CPU cost for it.
+// Inputs, as our graphs hand them to com.microsoft::GroupQueryAttention (export/onnx_attention.py):
+//   qkv [1, T, (H + 2 H_kv) D] (q | k | v, not yet rotated), past_k, past_v [1, H_kv, S, D], seqlens_k [1] int32
+//   (pos + T - 1), total_len [] int32 (pos + T), cos_cache, sin_cache [S', D/2] (S' >= pos + T).
+// Outputs: attention [1, T, H D], present_k, present_v [1, H_kv, S, D]. The runtime binds each present output to
+// its past buffer, and the op writes rows pos .. pos+T-1 in place; given another buffer it copies the past first.
+// Attributes: num_heads, kv_num_heads. Rotary: HF's half-split layout. fp32, batch 1, one thread.
+//
+// LinearQ4 -- MatMulNBits' job (--onnx-linear linear_q4), done by our 4-bit linear (linear_q4.h): the same 4-bit
+// weights and scales (quant/onnx_schemes.py repacks them), activations quantized to 8 bits per row, each group's dot
+// product in integers: a row has the same bits whatever the number of rows in the call, and all rows of a call share
+// one pass over the weights. Inputs: x [..., K] fp32, weight [N/16, K/8, 64] uint8, scales [K/G, N] fp32, weight_sums
+// [N] fp32 (linear_q4.cpp's header). Output [..., N]. One thread.
+//
+// Built into its own library, without ExecuTorch (runtime/kernels: ort_ops_library), and registered with a session
+// through SessionOptions.register_custom_ops_library, which calls RegisterCustomOps below.
+#include <cstring>
+#include <vector>
+
+#include "linear_q4.h"
+#include "ort_api.h"
+#include "row_attention.h"
+
+namespace layerskip {
+namespace {
+
+using namespace ort_abi;
+
+const Api* g_api = nullptr;
+
+struct RowAttentionKernel {
+  int64_t heads = 0, kv_heads = 0;
+};
+
+struct Tensor {
+  void* data = nullptr;
+  std::vector<int64_t> dims;
+};
+
+bool read_input(KernelContext* ctx, size_t index, Tensor& out) {
+  const Value* value = nullptr;
+  if (fn<90, KernelContextGetInput>(g_api)(ctx, index, &value) || value == nullptr) return false;
+  TensorInfo* info = nullptr;
+  if (fn<65, GetTensorTypeAndShape>(g_api)(value, &info)) return false;
+  size_t rank = 0;
+  bool ok = !fn<61, GetDimensionsCount>(g_api)(info, &rank);
+  out.dims.assign(rank, 0);
+  ok = ok && !fn<62, GetDimensions>(g_api)(info, out.dims.data(), rank);
+  fn<99, ReleaseTensorInfo>(g_api)(info);
+  return ok && !fn<51, GetTensorMutableData>(g_api)(const_cast<Value*>(value), &out.data);
+}
+
+float* output(KernelContext* ctx, size_t index, const std::vector<int64_t>& dims) {
+  Value* value = nullptr;
+  void* data = nullptr;
+  if (fn<91, KernelContextGetOutput>(g_api)(ctx, index, dims.data(), dims.size(), &value) || value == nullptr ||
+      fn<51, GetTensorMutableData>(g_api)(value, &data))
+    return nullptr;
+  return static_cast<float*>(data);
+}
+
+// Rotates one head's row x [D] at rotary row (cos, sin) [D/2] into y: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin.
+void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* y) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    y[i] = x1 * cos[i] - x2 * sin[i];
+    y[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+void compute(void* kernel_state, KernelContext* ctx) {
+  const auto& kernel = *static_cast<RowAttentionKernel*>(kernel_state);
+  Tensor qkv, past_k, past_v, total, cos, sin;
+  if (!read_input(ctx, 0, qkv) || !read_input(ctx, 1, past_k) || !read_input(ctx, 2, past_v) ||
+      !read_input(ctx, 4, total) || !read_input(ctx, 5, cos) || !read_input(ctx, 6, sin))
+    return;
+  const int64_t h = kernel.heads, h_kv = kernel.kv_heads;
+  if (qkv.dims.size() != 3 || past_k.dims.size() != 4 || cos.dims.size() != 2 || h <= 0 || h_kv <= 0 || h % h_kv)
+    return;
+  const int64_t t = qkv.dims[1], s = past_k.dims[2], d = past_k.dims[3];
+  const int64_t end = *static_cast<const int32_t*>(total.data), pos = end - t;
+  float* out = output(ctx, 0, {1, t, h * d});
+  if (out == nullptr) return;
+  if (qkv.dims[2] != (h + 2 * h_kv) * d || past_k.dims[1] != h_kv || pos < 0 || end > s || end > cos.dims[0] ||
+      cos.dims[1] * 2 != d) {
+    for (int64_t i = 0; i < t * h * d; ++i) out[i] = NAN;  // no status to return at this API version: poison
+    return;
+  }
+  float* k_cache = output(ctx, 1, past_k.dims);
+  float* v_cache = output(ctx, 2, past_k.dims);
+  if (k_cache == nullptr || v_cache == nullptr) return;
+  const size_t cache_bytes = static_cast<size_t>(h_kv * s * d) * sizeof(float);
+  if (k_cache != past_k.data) std::memcpy(k_cache, past_k.data, cache_bytes);
+  if (v_cache != past_v.data) std::memcpy(v_cache, past_v.data, cache_bytes);
+
+  // q rotated into a buffer [T, H, D]; k rotated and v copied into the caches at rows pos .. pos+T-1
+  thread_local std::vector<float> q, w, acc;
+  thread_local std::vector<const float*> queries;
+  thread_local std::vector<float*> outs;
+  thread_local std::vector<int64_t> keys;
+  q.resize(t * h * d);
+  const float* x = static_cast<const float*>(qkv.data);
+  const float* cos_rows = static_cast<const float*>(cos.data);
+  const float* sin_rows = static_cast<const float*>(sin.data);
+  const int64_t width = (h + 2 * h_kv) * d;
+  for (int64_t row = 0; row < t; ++row) {
+    const float* xr = x + row * width;
+    const float* c = cos_rows + (pos + row) * (d / 2);
+    const float* sn = sin_rows + (pos + row) * (d / 2);
+    for (int64_t head = 0; head < h; ++head) rotate(xr + head * d, c, sn, d, q.data() + (row * h + head) * d);
+    for (int64_t kv = 0; kv < h_kv; ++kv) {
+      float* k_row = k_cache + (kv * s + pos + row) * d;
+      rotate(xr + (h + kv) * d, c, sn, d, k_row);
+      std::memcpy(v_cache + (kv * s + pos + row) * d, xr + (h + h_kv + kv) * d, d * sizeof(float));
+    }
+  }
+  // each KV head's queries (rows x the query heads that share it) over that head's [S, D] cache rows
+  const int64_t group = h / h_kv, count = t * group;
+  if (static_cast<int64_t>(w.size()) < count * s) w.resize(count * s);
+  if (static_cast<int64_t>(acc.size()) < count * 2 * d) acc.resize(count * 2 * d);
+  queries.resize(count);
+  outs.resize(count);
+  keys.resize(count);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  for (int64_t kv = 0; kv < h_kv; ++kv) {
+    for (int64_t row = 0; row < t; ++row)
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t head = kv * group + g, i = row * group + g;
+        queries[i] = q.data() + (row * h + head) * d;
+        outs[i] = out + (row * h + head) * d;
+        keys[i] = pos + row + 1;
+      }
+    attend_queries(queries.data(), keys.data(), count, k_cache + kv * s * d, v_cache + kv * s * d, d, d, s, scale,
+                   w.data(), acc.data(), outs.data());
+  }
+}
+
+void linear_q4(void*, KernelContext* ctx) {
+  Tensor x, weight, scales, sums;
+  if (!read_input(ctx, 0, x) || !read_input(ctx, 1, weight) || !read_input(ctx, 2, scales) ||
+      !read_input(ctx, 3, sums) || x.dims.empty() || weight.dims.size() != 3 || scales.dims.size() != 2)
+    return;
+  const int64_t k = x.dims.back(), groups = scales.dims[0], n = scales.dims[1];
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x.dims.size(); ++i) rows *= x.dims[i];
+  std::vector<int64_t> out_dims(x.dims);
+  out_dims.back() = n;
+  float* y = output(ctx, 0, out_dims);
+  if (y == nullptr) return;
+  if (weight.dims[1] * q4::kChunk != k || weight.dims[0] * q4::kBlock != n || weight.dims[2] != 64 || groups <= 0 ||
+      k % (groups * q4::kChunk) != 0 || k >= (int64_t{1} << 19)) {
+    for (int64_t i = 0; i < rows * n; ++i) y[i] = NAN;  // no status to return at this API version: poison
+    return;
+  }
+  thread_local std::vector<uint8_t> a;
+  thread_local std::vector<int32_t> offset;
+  thread_local std::vector<float> zero, scale;
+  a.resize(rows * k);
+  offset.resize(rows * groups);
+  zero.resize(rows);
+  scale.resize(rows);
+  const float* xp = static_cast<const float*>(x.data);
+  for (int64_t r = 0; r < rows; ++r)
+    q4::quantize_row(xp + r * k, k, groups, a.data() + r * k, &offset[r * groups], &zero[r], &scale[r]);
+  const q4::Rows quantized{a.data(), offset.data(), zero.data(), scale.data(), k, groups};
+  const q4::Weights w{static_cast<const uint8_t*>(weight.data), k / q4::kChunk, n / q4::kBlock};
+  const q4::Scales sc{static_cast<const float*>(scales.data), static_cast<const float*>(sums.data), n, groups};
+  q4::blocks(quantized, rows, w, sc, 0, n / q4::kBlock, y);
+}
+
+void* create_kernel(const CustomOp*, const Api* api, const KernelInfo* info) {
+  auto* kernel = new RowAttentionKernel;
+  if (fn<86, KernelInfoGetAttributeInt64>(api)(info, "num_heads", &kernel->heads)) kernel->heads = 0;
+  if (fn<86, KernelInfoGetAttributeInt64>(api)(info, "kv_num_heads", &kernel->kv_heads)) kernel->kv_heads = 0;
+  return kernel;
+}
+
+constexpr ElementType kInputs[] = {kFloat, kFloat, kFloat, kInt32, kInt32, kFloat, kFloat};
+
+const CustomOp kRowAttention = {
+    kApiVersion,
+    create_kernel,
+    [](const CustomOp*) { return "RowAttention"; },
+    [](const CustomOp*) -> const char* { return nullptr; },
+    [](const CustomOp*, size_t i) { return kInputs[i]; },
+    [](const CustomOp*) -> size_t { return sizeof(kInputs) / sizeof(kInputs[0]); },
+    [](const CustomOp*, size_t) { return kFloat; },
+    [](const CustomOp*) -> size_t { return 3; },
+    compute,
+    [](void* kernel) { delete static_cast<RowAttentionKernel*>(kernel); },
+    [](const CustomOp*, size_t) { return kRequired; },
+    [](const CustomOp*, size_t) { return kRequired; },
+    [](const CustomOp*, size_t) { return kMemDefault; },
+};
+
+constexpr ElementType kLinearInputs[] = {kFloat, kUint8, kFloat, kFloat};
+
+extern const CustomOp kLinearQ4;
+const CustomOp kLinearQ4 = {
+    kApiVersion,
+    [](const CustomOp*, const Api*, const KernelInfo*) -> void* { return const_cast<CustomOp*>(&kLinearQ4); },
+    [](const CustomOp*) { return "LinearQ4"; },
+    [](const CustomOp*) -> const char* { return nullptr; },
+    [](const CustomOp*, size_t i) { return kLinearInputs[i]; },
+    [](const CustomOp*) -> size_t { return sizeof(kLinearInputs) / sizeof(kLinearInputs[0]); },
+    [](const CustomOp*, size_t) { return kFloat; },
+    [](const CustomOp*) -> size_t { return 1; },
+    linear_q4,
+    [](void*) {},
+    [](const CustomOp*, size_t) { return kRequired; },
+    [](const CustomOp*, size_t) { return kRequired; },
+    [](const CustomOp*, size_t) { return kMemDefault; },
+};
+
+CustomOpDomain* g_domain = nullptr;  // lives as long as the process: sessions may outlive any one registration
+
+}  // namespace
+}  // namespace layerskip
+
+extern "C" __attribute__((visibility("default"))) ort_abi::Status* RegisterCustomOps(
+    ort_abi::SessionOptions* options, const ort_abi::ApiBase* base) {
+  using namespace ort_abi;
+  using layerskip::g_api;
+  using layerskip::g_domain;
+  g_api = base->GetApi(kApiVersion);
+  if (g_api == nullptr) return nullptr;  // cannot happen on runtimes >= 1.13; nothing to report the error with
+  if (g_domain == nullptr) {
+    if (Status* s = fn<26, CreateCustomOpDomain>(g_api)("layerskip", &g_domain)) return s;
+    if (Status* s = fn<27, CustomOpDomainAdd>(g_api)(g_domain, &layerskip::kRowAttention)) return s;
+    if (Status* s = fn<27, CustomOpDomainAdd>(g_api)(g_domain, &layerskip::kLinearQ4)) return s;
+  }
+  return fn<28, AddCustomOpDomain>(g_api)(options, g_domain);
+}
