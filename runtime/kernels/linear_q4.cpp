@@ -55,17 +55,7 @@ Tensor& linear_q4_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) ==
                   executorch::runtime::Error::Ok, InvalidArgument, out);
 
-  thread_local std::vector<uint8_t> a;
-  thread_local std::vector<int32_t> offset;
-  thread_local std::vector<float> zero, scale;
-  a.resize(rows * k);
-  offset.resize(rows * groups);
-  zero.resize(rows);
-  scale.resize(rows);
-  const float* xp = x.const_data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    q4::quantize_row(xp + r * k, k, groups, a.data() + r * k, &offset[r * groups], &zero[r], &scale[r]);
-  const q4::Rows quantized{a.data(), offset.data(), zero.data(), scale.data(), k, groups};
+  const q4::Rows quantized = q4::quantize_rows(x.const_data_ptr<float>(), rows, k, groups);
   const q4::Weights w{weight.const_data_ptr<uint8_t>(), k / q4::kChunk, n / q4::kBlock};
   const q4::Scales sc{scales.const_data_ptr<float>(), weight_sums.const_data_ptr<float>(), n, groups};
   float* y = out.mutable_data_ptr<float>();

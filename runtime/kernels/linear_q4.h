@@ -84,6 +84,21 @@ inline void quantize_row(const float* x, int64_t k, int64_t groups, uint8_t* a, 
 }
 
 // The float steps, in this order on every path: f = t_0 s_0, f = fma(t_g, s_g, f) for g > 0; y = fma(-z, c, f) s_x.
+// `rows` rows of x [rows, K] quantized by quantize_row into buffers kept per thread (valid until this thread's next
+// call): the Rows that blocks() reads.
+inline Rows quantize_rows(const float* x, int64_t rows, int64_t k, int64_t groups) {
+  thread_local std::vector<uint8_t> a;
+  thread_local std::vector<int32_t> offset;
+  thread_local std::vector<float> zero, scale;
+  a.resize(rows * k);
+  offset.resize(rows * groups);
+  zero.resize(rows);
+  scale.resize(rows);
+  for (int64_t r = 0; r < rows; ++r)
+    quantize_row(x + r * k, k, groups, a.data() + r * k, &offset[r * groups], &zero[r], &scale[r]);
+  return Rows{a.data(), offset.data(), zero.data(), scale.data(), k, groups};
+}
+
 inline float fold(int32_t acc, const Rows& rows, int64_t r, int64_t g, float scale, float f) {  // acc = sum a u
   const float t = static_cast<float>(acc + rows.offset[r * rows.groups + g]);
   return g == 0 ? t * scale : std::fma(t, scale, f);

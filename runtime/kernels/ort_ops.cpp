@@ -73,7 +73,7 @@ void rotate(const float* x, const float* cos, const float* sin, int64_t d, float
   }
 }
 
-void compute(void* kernel_state, KernelContext* ctx) {
+void attention(void* kernel_state, KernelContext* ctx) {
   const auto& kernel = *static_cast<RowAttentionKernel*>(kernel_state);
   Tensor qkv, past_k, past_v, total, cos, sin;
   if (!read_input(ctx, 0, qkv) || !read_input(ctx, 1, past_k) || !read_input(ctx, 2, past_v) ||
@@ -157,64 +157,54 @@ void linear_q4(void*, KernelContext* ctx) {
     for (int64_t i = 0; i < rows * n; ++i) y[i] = NAN;  // no status to return at this API version: poison
     return;
   }
-  thread_local std::vector<uint8_t> a;
-  thread_local std::vector<int32_t> offset;
-  thread_local std::vector<float> zero, scale;
-  a.resize(rows * k);
-  offset.resize(rows * groups);
-  zero.resize(rows);
-  scale.resize(rows);
-  const float* xp = static_cast<const float*>(x.data);
-  for (int64_t r = 0; r < rows; ++r)
-    q4::quantize_row(xp + r * k, k, groups, a.data() + r * k, &offset[r * groups], &zero[r], &scale[r]);
-  const q4::Rows quantized{a.data(), offset.data(), zero.data(), scale.data(), k, groups};
+  const q4::Rows quantized = q4::quantize_rows(static_cast<const float*>(x.data), rows, k, groups);
   const q4::Weights w{static_cast<const uint8_t*>(weight.data), k / q4::kChunk, n / q4::kBlock};
   const q4::Scales sc{static_cast<const float*>(scales.data), static_cast<const float*>(sums.data), n, groups};
   q4::blocks(quantized, rows, w, sc, 0, n / q4::kBlock, y);
 }
 
-void* create_kernel(const CustomOp*, const Api* api, const KernelInfo* info) {
+void* create_attention(const CustomOp*, const Api* api, const KernelInfo* info) {
   auto* kernel = new RowAttentionKernel;
   if (fn<86, KernelInfoGetAttributeInt64>(api)(info, "num_heads", &kernel->heads)) kernel->heads = 0;
   if (fn<86, KernelInfoGetAttributeInt64>(api)(info, "kv_num_heads", &kernel->kv_heads)) kernel->kv_heads = 0;
   return kernel;
 }
 
-constexpr ElementType kInputs[] = {kFloat, kFloat, kFloat, kInt32, kInt32, kFloat, kFloat};
-
-const CustomOp kRowAttention = {
-    kApiVersion,
-    create_kernel,
-    [](const CustomOp*) { return "RowAttention"; },
-    [](const CustomOp*) -> const char* { return nullptr; },
-    [](const CustomOp*, size_t i) { return kInputs[i]; },
-    [](const CustomOp*) -> size_t { return sizeof(kInputs) / sizeof(kInputs[0]); },
-    [](const CustomOp*, size_t) { return kFloat; },
-    [](const CustomOp*) -> size_t { return 3; },
-    compute,
-    [](void* kernel) { delete static_cast<RowAttentionKernel*>(kernel); },
-    [](const CustomOp*, size_t) { return kRequired; },
-    [](const CustomOp*, size_t) { return kRequired; },
-    [](const CustomOp*, size_t) { return kMemDefault; },
+// An op as ONNX Runtime sees it (CustomOp, first, so that its callbacks find the rest from the pointer they get):
+// name, input types, output count (all fp32), and its kernel's life cycle. Every input and output is required.
+struct OpSpec {
+  CustomOp op;
+  const char* name;
+  const ElementType* inputs;
+  size_t input_count, output_count;
 };
 
-constexpr ElementType kLinearInputs[] = {kFloat, kUint8, kFloat, kFloat};
+const OpSpec& spec(const CustomOp* op) { return *reinterpret_cast<const OpSpec*>(op); }
 
-extern const CustomOp kLinearQ4;
-const CustomOp kLinearQ4 = {
-    kApiVersion,
-    [](const CustomOp*, const Api*, const KernelInfo*) -> void* { return const_cast<CustomOp*>(&kLinearQ4); },
-    [](const CustomOp*) { return "LinearQ4"; },
-    [](const CustomOp*) -> const char* { return nullptr; },
-    [](const CustomOp*, size_t i) { return kLinearInputs[i]; },
-    [](const CustomOp*) -> size_t { return sizeof(kLinearInputs) / sizeof(kLinearInputs[0]); },
-    [](const CustomOp*, size_t) { return kFloat; },
-    [](const CustomOp*) -> size_t { return 1; },
-    linear_q4,
-    [](void*) {},
-    [](const CustomOp*, size_t) { return kRequired; },
-    [](const CustomOp*, size_t) { return kRequired; },
-    [](const CustomOp*, size_t) { return kMemDefault; },
+constexpr OpSpec make_op(const char* name, const ElementType* inputs, size_t input_count, size_t output_count,
+                         void* (*create)(const CustomOp*, const Api*, const KernelInfo*),
+                         void (*run)(void*, KernelContext*), void (*destroy)(void*)) {
+  return OpSpec{{kApiVersion, create, [](const CustomOp* op) { return spec(op).name; },
+                 [](const CustomOp*) -> const char* { return nullptr; },
+                 [](const CustomOp* op, size_t i) { return spec(op).inputs[i]; },
+                 [](const CustomOp* op) { return spec(op).input_count; },
+                 [](const CustomOp*, size_t) { return kFloat; },
+                 [](const CustomOp* op) { return spec(op).output_count; }, run, destroy,
+                 [](const CustomOp*, size_t) { return kRequired; }, [](const CustomOp*, size_t) { return kRequired; },
+                 [](const CustomOp*, size_t) { return kMemDefault; }},
+                name, inputs, input_count, output_count};
+}
+
+constexpr ElementType kAttentionInputs[] = {kFloat, kFloat, kFloat, kInt32, kInt32, kFloat, kFloat};
+constexpr ElementType kLinearInputs[] = {kFloat, kUint8, kFloat, kFloat};
+int g_stateless = 0;  // LinearQ4's kernel: no state, but not a null pointer
+
+const OpSpec kOps[] = {
+    make_op("RowAttention", kAttentionInputs, 7, 3, create_attention, attention,
+            [](void* kernel) { delete static_cast<RowAttentionKernel*>(kernel); }),
+    make_op("LinearQ4", kLinearInputs, 4, 1,
+            [](const CustomOp*, const Api*, const KernelInfo*) -> void* { return &g_stateless; }, linear_q4,
+            [](void*) {}),
 };
 
 CustomOpDomain* g_domain = nullptr;  // lives as long as the process: sessions may outlive any one registration
@@ -231,8 +221,8 @@ extern "C" __attribute__((visibility("default"))) ort_abi::Status* RegisterCusto
   if (g_api == nullptr) return nullptr;  // cannot happen on runtimes >= 1.13; nothing to report the error with
   if (g_domain == nullptr) {
     if (Status* s = fn<26, CreateCustomOpDomain>(g_api)("layerskip", &g_domain)) return s;
-    if (Status* s = fn<27, CustomOpDomainAdd>(g_api)(g_domain, &layerskip::kRowAttention)) return s;
-    if (Status* s = fn<27, CustomOpDomainAdd>(g_api)(g_domain, &layerskip::kLinearQ4)) return s;
+    for (const auto& spec : layerskip::kOps)
+      if (Status* s = fn<27, CustomOpDomainAdd>(g_api)(g_domain, &spec.op)) return s;
   }
   return fn<28, AddCustomOpDomain>(g_api)(options, g_domain);
 }
