@@ -25,7 +25,7 @@ from torch.export import Dim
 
 from export.methods import example_inputs, method_module, output_names
 from export.onnx_attention import CACHE_KINDS, FUSED_KINDS, fused_attention
-from runtime.artifact import cache_input_names, cache_output_names, method_layers
+from runtime.artifact import cache_input_names, cache_output_names, method_layers, uses_our_onnx_ops
 from runtime.errors import UserError
 from models.model import Transformer
 
@@ -160,6 +160,8 @@ def to_row_attention(proto: onnx.ModelProto) -> onnx.ModelProto:
     empty: q|k|v comes packed) and outputs (runtime/kernels/ort_ops.cpp)."""
     from onnx import helper
 
+    from quant.onnx_schemes import import_our_domain
+
     nodes = []
     for node in proto.graph.node:
         if node.op_type == "GroupQueryAttention":
@@ -171,9 +173,7 @@ def to_row_attention(proto: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(node)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    if not any(o.domain == "layerskip" for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid("layerskip", 1))
-    return proto
+    return import_our_domain(proto)
 
 
 def split_exit_norm(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -250,11 +250,6 @@ def save_shared(protos: dict[str, onnx.ModelProto], directory: Path) -> dict[str
     return files
 
 
-def uses_our_ops(kind: str, linear: str) -> bool:
-    """Whether the graphs call our custom ops (runtime/kernels/ort_ops.cpp), which a session must register."""
-    return kind == "row" or linear == "linear_q4"
-
-
 def check(directory: Path, files: dict[str, str], our_ops: bool) -> None:
     """Each graph loads in ONNX Runtime, the runtime it is for (onnx.checker does not know the
     ONNX-domain ops ONNX Runtime adds, such as SimplifiedLayerNormalization), with our op library where the graphs
@@ -294,7 +289,7 @@ def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
 
         protos = stages.run("repack", lambda methods: {name: to_linear_q4(p) for name, p in methods.items()}, protos)
     files = stages.run("save", save_shared, protos, directory)
-    stages.run("check", check, directory, files, uses_our_ops(kind, linear))
+    stages.run("check", check, directory, files, uses_our_onnx_ops(kind, linear))
     return base_manifest(cfg, r, model, format="onnx", files=files, file_sizes={}, methods=methods,
                          quant=scheme, backend="onnxruntime",
                          extra={"kv_cache": kind, **({"pad_drafts": True} if cfg.pad_drafts else {}),

@@ -196,6 +196,13 @@ def to_linear_q4(proto: onnx.ModelProto) -> onnx.ModelProto:
                                       domain="layerskip"))
     del graph.node[:]
     graph.node.extend(nodes)
+    return prune(import_our_domain(proto))
+
+
+def import_our_domain(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph's opset imports, with our ops' domain (layerskip, version 1) once."""
+    from onnx import helper
+
     if not any(o.domain == "layerskip" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("layerskip", 1))
-    return prune(proto)
+    return proto

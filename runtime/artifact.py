@@ -70,6 +70,12 @@ class ModelShape:
                    int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]), int(c["vocab_size"]))
 
 
+def uses_our_onnx_ops(onnx_kv_cache: Optional[str], onnx_linear: Optional[str]) -> bool:
+    """Whether .onnx graphs call our custom ops (runtime/kernels/ort_ops.cpp), whose library a session must register:
+    the row attention or the linear_q4 linears."""
+    return onnx_kv_cache == "row" or onnx_linear == "linear_q4"
+
+
 def exact_for_lookup(target: str, pad_drafts: bool, onnx_kv_cache: str, pte_attention: str) -> bool:
     """Whether an artifact for `target` ("onnx", else a .pte) gives each row of a multi-row draft call the
     bits of a 1-row one (export.py --pad-drafts on the gqa or row graphs, --pte-attention

@@ -436,6 +436,7 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
     policy = step_policy(backend, cfg)
     run_k, fallback_k, guesses = policy["lookup_run"], policy["lookup_fallback"], policy["exit_guesses"]
     plain_unmatched = bool(cfg.lookup) and policy["unmatched_step"] == "plain"
+    plain_via = plain_call(backend) if plain_unmatched else None  # the one call those steps make
     backend.reset()
     stats = GenerationStats(prompt_tokens=len(prompt))
     calls = TimedBackend(backend, stats)
@@ -461,7 +462,7 @@ def generate(backend: Backend, prompt: Sequence[int], cfg: GenerationConfig,
             if looked_up:
                 accepted, new = lookup_step(calls, chooser, token, pos, looked_up)
             elif plain_unmatched:
-                kind, (accepted, new) = "plain", one_call_step(calls, chooser, token, pos, plain_call(backend))
+                kind, (accepted, new) = "plain", one_call_step(calls, chooser, token, pos, plain_via)
             elif guesses:
                 kind, (accepted, new) = "exit", exit_guess_step(calls, chooser, token, pos,
                                                                    min(guesses, cfg.num_speculations, room))

@@ -45,7 +45,8 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.artifact import Manifest, cache_input_names, cache_output_names, check_fact, method_layers
+from runtime.artifact import (Manifest, cache_input_names, cache_output_names, check_fact, method_layers,
+                              uses_our_onnx_ops)
 from runtime.errors import UserError
 
 FLOAT_BYTES = 4
@@ -98,7 +99,7 @@ class OnnxMethod:
 
         path = manifest.path(name)
         options = session_options(threads)
-        if manifest.extra.get("kv_cache") == "row" or manifest.extra.get("linear") == "linear_q4":  # our ops
+        if uses_our_onnx_ops(manifest.extra.get("kv_cache"), manifest.extra.get("linear")):
             from runtime.kernels import ort_ops_library
 
             options.register_custom_ops_library(str(ort_ops_library()))
