@@ -3,6 +3,8 @@
 //   - the vectorized path gives the bits of the portable loop, for calls of 1 .. 13 rows (passes of up to 5 rows,
 //     groups of 4 blocks of 16 channels, and the single blocks of a last, smaller group) and over part of the blocks;
 //   - so a row has the same bits in a call of any row count as computed alone;
+//   - quantize_row (8 inputs at a time where AVX2 is) gives quantize_row_scalar's bytes, group sums, zero point and
+//     scale, on rows of ties (x / s halfway between integers), clamped values, zeros and one sign only;
 //   - the result equals s_x (sum_g s[g] sum_{k in g} (a - z) q) computed in double, to the float steps' rounding
 //     (4e-7 of the magnitudes of the terms they add: s[g] t_g and z c);
 // per output channel (one group) and per group of 8 .. 128 inputs.
@@ -127,10 +129,48 @@ bool check(int64_t n, int64_t k, int64_t groups, std::mt19937& rng) {
   return true;
 }
 
+// quantize_row against quantize_row_scalar on one row of k inputs in `groups` groups.
+bool check_quantize(const std::vector<float>& x, int64_t groups, const char* kind) {
+  const int64_t k = static_cast<int64_t>(x.size());
+  std::vector<uint8_t> a(k), a_scalar(k);
+  std::vector<int32_t> offset(groups), offset_scalar(groups);
+  float zero, scale, zero_scalar, scale_scalar;
+  quantize_row(x.data(), k, groups, a.data(), offset.data(), &zero, &scale);
+  quantize_row_scalar(x.data(), k, groups, a_scalar.data(), offset_scalar.data(), &zero_scalar, &scale_scalar);
+  if (a == a_scalar && offset == offset_scalar && std::memcmp(&zero, &zero_scalar, 4) == 0 &&
+      std::memcmp(&scale, &scale_scalar, 4) == 0)
+    return true;
+  std::printf("quantize_row: %s row, k %lld groups %lld: not quantize_row_scalar's\n", kind, (long long)k,
+              (long long)groups);
+  return false;
+}
+
+bool check_quantize_rows(std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.3f, 2.0f);
+  for (int64_t k : {8, 24, 64, 192, 512})
+    for (int64_t groups : {int64_t{1}, k / 8}) {
+      std::vector<float> x(k);
+      for (float& v : x) v = normal(rng);
+      if (!check_quantize(x, groups, "random")) return false;
+      for (int64_t i = 0; i < k; ++i) x[i] = (static_cast<float>(i % 23) - 11.0f) * 0.5f;  // ties: s = 22 / 255
+      x[0] = -11.0f;  // the range's ends: lo / s and every x / s on a half
+      x[k - 1] = 11.0f;
+      if (!check_quantize(x, groups, "ties")) return false;
+      for (float& v : x) v = std::abs(normal(rng)) * 1e4f;  // one sign: the range widened to 0
+      if (!check_quantize(x, groups, "positive")) return false;
+      for (float& v : x) v = -v;
+      if (!check_quantize(x, groups, "negative")) return false;
+      std::fill(x.begin(), x.end(), 0.0f);  // the scale at its floor
+      if (!check_quantize(x, groups, "zero")) return false;
+    }
+  return true;
+}
+
 }  // namespace
 
 int main() {
   std::mt19937 rng(0);
+  if (!check_quantize_rows(rng)) return 1;
   for (int64_t n : {16, 32, 48, 64, 80, 112, 160, 208})
     for (int64_t k : {8, 64, 256, 1024})
       for (int64_t group : {k, int64_t{8}, int64_t{32}, int64_t{128}})  // per channel, then groups of G inputs

@@ -58,18 +58,23 @@ struct Rows {
 };
 
 // torchao's per-token asymmetric int8 (choose_qparams_affine with the range widened to include 0, eps = float eps;
-// quantize = clamp(round(x * (1 / s)) + zp)), shifted by 128 into 0..255.
-inline void quantize_row(const float* x, int64_t k, int64_t groups, uint8_t* a, int32_t* offset, float* zero,
-                         float* scale) {
+// quantize = clamp(round(x * (1 / s)) + zp)), shifted by 128 into 0..255: the scale and zero point of a row.
+inline void row_range(float lo, float hi, float* zero, float* scale) {
+  const float s = std::max((hi - lo) / 255.0f, 1.1920928955078125e-07f);
+  *zero = std::min(127.0f, std::max(-128.0f, -128.0f - std::nearbyint(lo / s))) + 128.0f;
+  *scale = s;
+}
+
+// One row, an element at a time: the arithmetic quantize_row's vector path must give the bits of (linear_q4_check).
+inline void quantize_row_scalar(const float* x, int64_t k, int64_t groups, uint8_t* a, int32_t* offset, float* zero,
+                                float* scale) {
   float lo = 0.0f, hi = 0.0f;
   for (int64_t i = 0; i < k; ++i) {
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
   }
-  float s = (hi - lo) / 255.0f;
-  s = std::max(s, 1.1920928955078125e-07f);
-  const float inv = 1.0f / s;
-  const float zp = std::min(127.0f, std::max(-128.0f, -128.0f - std::nearbyint(lo / s)));
+  row_range(lo, hi, zero, scale);
+  const float inv = 1.0f / *scale, zp = *zero - 128.0f;
   for (int64_t g = 0, size = k / groups; g < groups; ++g) {
     int32_t sum = 0;
     for (int64_t i = g * size; i < (g + 1) * size; ++i) {
@@ -79,8 +84,55 @@ inline void quantize_row(const float* x, int64_t k, int64_t groups, uint8_t* a, 
     }
     offset[g] = -8 * sum;
   }
-  *zero = zp + 128.0f;
-  *scale = s;
+}
+
+// quantize_row_scalar 8 inputs at a time where AVX2 is: the range's min and max are exact in any order, the rounding
+// is the same (round to nearest even, as nearbyint in the default mode), the clamps are ordered alike (a max then a
+// min, whose NaN cases pick the same operand), and the group sums are integers. Was 0.75 ns an input, 36-42% of a
+// 6-row call of a 512- or 768-input linear; 2.1-3x faster now (results/probe_linear_q4_quantize.txt).
+inline void quantize_row(const float* x, int64_t k, int64_t groups, uint8_t* a, int32_t* offset, float* zero,
+                         float* scale) {
+#if defined(__AVX2__)
+  const int64_t size = k / groups;
+  if (k % 8 != 0 || size % 8 != 0) return quantize_row_scalar(x, k, groups, a, offset, zero, scale);
+  __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    lo8 = _mm256_min_ps(v, lo8);  // (v < lo) ? v : lo, as std::min(lo, v)
+    hi8 = _mm256_max_ps(v, hi8);
+  }
+  alignas(32) float lanes_lo[8], lanes_hi[8];
+  _mm256_store_ps(lanes_lo, lo8);
+  _mm256_store_ps(lanes_hi, hi8);
+  float lo = 0.0f, hi = 0.0f;
+  for (int t = 0; t < 8; ++t) {
+    lo = std::min(lo, lanes_lo[t]);
+    hi = std::max(hi, lanes_hi[t]);
+  }
+  row_range(lo, hi, zero, scale);
+  const __m256 inv = _mm256_set1_ps(1.0f / *scale), zp = _mm256_set1_ps(*zero - 128.0f);
+  const __m256 below = _mm256_set1_ps(-128.0f), above = _mm256_set1_ps(127.0f);
+  const __m256i shift = _mm256_set1_epi32(128);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i sums = _mm256_setzero_si256();
+    for (int64_t i = g * size; i < (g + 1) * size; i += 8) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zp), below), above);
+      const __m256i u = _mm256_add_epi32(_mm256_cvtps_epi32(q), shift);  // 0..255 (q is integral)
+      sums = _mm256_add_epi32(sums, u);
+      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(a + i), _mm_packus_epi16(words, words));
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
+    int32_t sum = 0;
+    for (int t = 0; t < 8; ++t) sum += lanes[t];
+    offset[g] = -8 * sum;
+  }
+#else
+  quantize_row_scalar(x, k, groups, a, offset, zero, scale);
+#endif
 }
 
 // The float steps, in this order on every path: f = t_0 s_0, f = fma(t_g, s_g, f) for g > 0; y = fma(-z, c, f) s_x.
