@@ -3,6 +3,7 @@
 // floats apart, each query's arithmetic in an order that depends only on its position (row_sdpa.cpp's header).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -133,6 +134,8 @@ typename L::V exp_nonpositive(typename L::V x) {
 // eight keys at a time (a last group of fewer reads the block's first key in the missing places and drops those
 // scores), exp and its sum L::N keys at a time, values two at a time (even and odd keys in two sums, added at the
 // end), so what a query computes depends only on its n (position + 1), never on the other queries of the call.
+// Queries go two at a time over the keys both attend (each key or value row loaded once for both: multi-row calls of
+// deep16's draft_verify 9-13% faster, results/probe_onnx_draft_verify_rows.txt), each alone over the rest.
 constexpr int64_t KEY_BLOCK = 32;  // a multiple of 8: 8 KB of K (and of V) per block at d = 64
 // With this many queries or more, a block of misaligned rows is first copied to an aligned buffer once (then read
 // by every query from L1); fewer measured faster reading the rows where they lie (2 rows of 4 heads:
@@ -170,83 +173,169 @@ struct Queries {
   float* acc;     // count x 2d: each query's two sums of values
 };
 
-// The scores of keys [block, block + KEY_BLOCK) for every query: w[i][j] = scale * q_i . k_j for j < n_i, and the
-// maxes. Key j's row is at rows + (j - block) * stride.
+// The scores of query i for keys [from, end) of a block (from - block a multiple of 8): w[i][j] = scale * q_i . k_j,
+// and its maxes. Key j's row is at rows + (j - block) * stride.
 template <class L, int C, int M>
-void block_scores(const Queries& b, int64_t block, const float* rows, int64_t stride) {
+void query_scores(const Queries& b, int64_t i, int64_t block, int64_t from, const float* rows, int64_t stride) {
+  const int64_t n = b.n[i], end = block + KEY_BLOCK < n ? block + KEY_BLOCK : n;
+  if (from >= end) return;
   const __m256 scale = _mm256_set1_ps(b.scale);  // b's fields read once: the stores below are floats too
-  float* const w = b.w;
-  float* const maxes = b.maxes;
-  for (int64_t i = 0; i < b.count; ++i) {
-    const int64_t n = b.n[i], end = block + KEY_BLOCK < n ? block + KEY_BLOCK : n;
-    if (block >= end) continue;
-    typename L::V qc[C];
-    for (int c = 0; c < C; ++c) qc[c] = L::loadu(b.q[i] + L::N * c);
-    float* wi = w + i * b.cache_rows;
-    __m256 m = _mm256_loadu_ps(maxes + i * 8);
-    for (int64_t j = block; j < end; j += 8) {
-      typename L::V a[8];
-      for (int t = 0; t < 8; ++t) {
-        typename L::V kr[C];
-        load_row<L, C, M>(j + t < n ? rows + (j + t - block) * stride : rows, kr);
-        a[t] = L::mul(qc[0], kr[0]);
-        for (int c = 1; c < C; ++c) a[t] = L::fmadd(qc[c], kr[c], a[t]);
-      }
-      const __m256 s = _mm256_mul_ps(L::sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), scale);
-      if (j + 8 <= n) {
-        _mm256_storeu_ps(wi + j, s);
-        m = _mm256_max_ps(m, s);
-      } else {  // the last keys: their scores, and the max over them only
-        alignas(32) float eight[8];
-        _mm256_store_ps(eight, s);
-        for (int64_t t = 0; t < n - j; ++t) {
-          wi[j + t] = eight[t];
-          m = _mm256_max_ps(m, _mm256_set1_ps(eight[t]));
-        }
+  typename L::V qc[C];
+  for (int c = 0; c < C; ++c) qc[c] = L::loadu(b.q[i] + L::N * c);
+  float* wi = b.w + i * b.cache_rows;
+  __m256 m = _mm256_loadu_ps(b.maxes + i * 8);
+  for (int64_t j = from; j < end; j += 8) {
+    typename L::V a[8];
+    for (int t = 0; t < 8; ++t) {
+      typename L::V kr[C];
+      load_row<L, C, M>(j + t < n ? rows + (j + t - block) * stride : rows, kr);
+      a[t] = L::mul(qc[0], kr[0]);
+      for (int c = 1; c < C; ++c) a[t] = L::fmadd(qc[c], kr[c], a[t]);
+    }
+    const __m256 s = _mm256_mul_ps(L::sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), scale);
+    if (j + 8 <= n) {
+      _mm256_storeu_ps(wi + j, s);
+      m = _mm256_max_ps(m, s);
+    } else {  // the last keys: their scores, and the max over them only
+      alignas(32) float eight[8];
+      _mm256_store_ps(eight, s);
+      for (int64_t t = 0; t < n - j; ++t) {
+        wi[j + t] = eight[t];
+        m = _mm256_max_ps(m, _mm256_set1_ps(eight[t]));
       }
     }
-    _mm256_storeu_ps(maxes + i * 8, m);
+  }
+  _mm256_storeu_ps(b.maxes + i * 8, m);
+}
+
+// The scores of keys [block, block + KEY_BLOCK) for every query, two queries at a time over the keys both attend in
+// full groups of 8 (each key row read once for both), then each query's remaining keys alone. A score is the same
+// arithmetic either way (sums8 reduces each vector by its own tree), so a query's bits do not depend on its partner.
+template <class L, int C, int M>
+void block_scores(const Queries& b, int64_t block, const float* rows, int64_t stride) {
+  const __m256 scale = _mm256_set1_ps(b.scale);
+  int64_t i = 0;
+  for (; i + 1 < b.count; i += 2) {
+    const int64_t n = std::min(b.n[i], b.n[i + 1]), end = std::min(block + KEY_BLOCK, n);
+    int64_t j = block;
+    if (j + 8 <= end) {
+      typename L::V q0[C], q1[C];
+      for (int c = 0; c < C; ++c) {
+        q0[c] = L::loadu(b.q[i] + L::N * c);
+        q1[c] = L::loadu(b.q[i + 1] + L::N * c);
+      }
+      float* w0 = b.w + i * b.cache_rows;
+      float* w1 = w0 + b.cache_rows;
+      __m256 m0 = _mm256_loadu_ps(b.maxes + i * 8), m1 = _mm256_loadu_ps(b.maxes + (i + 1) * 8);
+      for (; j + 8 <= end; j += 8) {
+        typename L::V a0[8], a1[8];
+        for (int t = 0; t < 8; ++t) {
+          typename L::V kr[C];
+          load_row<L, C, M>(rows + (j + t - block) * stride, kr);
+          a0[t] = L::mul(q0[0], kr[0]);
+          a1[t] = L::mul(q1[0], kr[0]);
+          for (int c = 1; c < C; ++c) {
+            a0[t] = L::fmadd(q0[c], kr[c], a0[t]);
+            a1[t] = L::fmadd(q1[c], kr[c], a1[t]);
+          }
+        }
+        const __m256 s0 = _mm256_mul_ps(L::sums8(a0[0], a0[1], a0[2], a0[3], a0[4], a0[5], a0[6], a0[7]), scale);
+        const __m256 s1 = _mm256_mul_ps(L::sums8(a1[0], a1[1], a1[2], a1[3], a1[4], a1[5], a1[6], a1[7]), scale);
+        _mm256_storeu_ps(w0 + j, s0);
+        _mm256_storeu_ps(w1 + j, s1);
+        m0 = _mm256_max_ps(m0, s0);
+        m1 = _mm256_max_ps(m1, s1);
+      }
+      _mm256_storeu_ps(b.maxes + i * 8, m0);
+      _mm256_storeu_ps(b.maxes + (i + 1) * 8, m1);
+    }
+    query_scores<L, C, M>(b, i, block, j, rows, stride);
+    query_scores<L, C, M>(b, i + 1, block, j, rows, stride);
+  }
+  if (i < b.count) query_scores<L, C, M>(b, i, block, block, rows, stride);
+}
+
+// Query i's acc += sum_j w_ij V_j over keys [from, end) of a block (from - block even), key j into sum j % 2. Key j's
+// row is at rows + (j - block) * stride.
+template <class L, int C, int M>
+void query_values(const Queries& b, int64_t i, int64_t block, int64_t from, const float* rows, int64_t stride) {
+  const int64_t end = block + KEY_BLOCK < b.n[i] ? block + KEY_BLOCK : b.n[i];
+  if (from >= end) return;
+  const float* wi = b.w + i * b.cache_rows;
+  float* ai = b.acc + i * 2 * L::N * C;
+  typename L::V a0[C], a1[C];
+  for (int c = 0; c < C; ++c) {
+    a0[c] = L::loadu(ai + L::N * c);
+    a1[c] = L::loadu(ai + L::N * (C + c));
+  }
+  int64_t j = from;
+  for (; j + 2 <= end; j += 2) {
+    typename L::V v0[C], v1[C];
+    load_row<L, C, M>(rows + (j - block) * stride, v0);
+    load_row<L, C, M>(rows + (j + 1 - block) * stride, v1);
+    const typename L::V w0 = L::set1(wi[j]), w1 = L::set1(wi[j + 1]);
+    for (int c = 0; c < C; ++c) {
+      a0[c] = L::fmadd(w0, v0[c], a0[c]);
+      a1[c] = L::fmadd(w1, v1[c], a1[c]);
+    }
+  }
+  if (j < end) {  // an odd n's last key (blocks are even)
+    typename L::V v0[C];
+    load_row<L, C, M>(rows + (j - block) * stride, v0);
+    const typename L::V w0 = L::set1(wi[j]);
+    for (int c = 0; c < C; ++c) a0[c] = L::fmadd(w0, v0[c], a0[c]);
+  }
+  for (int c = 0; c < C; ++c) {
+    L::storeu(ai + L::N * c, a0[c]);
+    L::storeu(ai + L::N * (C + c), a1[c]);
   }
 }
 
-// acc_i += sum_j w_ij V_j over keys [block, block + KEY_BLOCK), key j into sum j % 2. Key j's row is at
-// rows + (j - block) * stride.
+// acc_i += sum_j w_ij V_j over keys [block, block + KEY_BLOCK) for every query: two queries at a time over the keys
+// both attend (each pair of value rows read once for both), then each query's remaining keys alone; per query the
+// same FMAs in the same order either way.
 template <class L, int C, int M>
 void block_values(const Queries& b, int64_t block, const float* rows, int64_t stride) {
-  const float* const w = b.w;
-  float* const acc = b.acc;
-  for (int64_t i = 0; i < b.count; ++i) {
-    const int64_t end = block + KEY_BLOCK < b.n[i] ? block + KEY_BLOCK : b.n[i];
-    if (block >= end) continue;
-    const float* wi = w + i * b.cache_rows;
-    float* ai = acc + i * 2 * L::N * C;
-    typename L::V a0[C], a1[C];
-    for (int c = 0; c < C; ++c) {
-      a0[c] = L::loadu(ai + L::N * c);
-      a1[c] = L::loadu(ai + L::N * (C + c));
-    }
+  int64_t i = 0;
+  for (; i + 1 < b.count; i += 2) {
+    const int64_t end = std::min(block + KEY_BLOCK, std::min(b.n[i], b.n[i + 1]));
     int64_t j = block;
-    for (; j + 2 <= end; j += 2) {
-      typename L::V v0[C], v1[C];
-      load_row<L, C, M>(rows + (j - block) * stride, v0);
-      load_row<L, C, M>(rows + (j + 1 - block) * stride, v1);
-      const typename L::V w0 = L::set1(wi[j]), w1 = L::set1(wi[j + 1]);
+    if (j + 2 <= end) {
+      const float* w0 = b.w + i * b.cache_rows;
+      const float* w1 = w0 + b.cache_rows;
+      float* acc0 = b.acc + i * 2 * L::N * C;
+      float* acc1 = acc0 + 2 * L::N * C;
+      typename L::V e0[C], o0[C], e1[C], o1[C];  // even and odd keys' sums of the two queries
       for (int c = 0; c < C; ++c) {
-        a0[c] = L::fmadd(w0, v0[c], a0[c]);
-        a1[c] = L::fmadd(w1, v1[c], a1[c]);
+        e0[c] = L::loadu(acc0 + L::N * c);
+        o0[c] = L::loadu(acc0 + L::N * (C + c));
+        e1[c] = L::loadu(acc1 + L::N * c);
+        o1[c] = L::loadu(acc1 + L::N * (C + c));
+      }
+      for (; j + 2 <= end; j += 2) {
+        typename L::V v0[C], v1[C];
+        load_row<L, C, M>(rows + (j - block) * stride, v0);
+        load_row<L, C, M>(rows + (j + 1 - block) * stride, v1);
+        const typename L::V x0 = L::set1(w0[j]), y0 = L::set1(w0[j + 1]);
+        const typename L::V x1 = L::set1(w1[j]), y1 = L::set1(w1[j + 1]);
+        for (int c = 0; c < C; ++c) {
+          e0[c] = L::fmadd(x0, v0[c], e0[c]);
+          o0[c] = L::fmadd(y0, v1[c], o0[c]);
+          e1[c] = L::fmadd(x1, v0[c], e1[c]);
+          o1[c] = L::fmadd(y1, v1[c], o1[c]);
+        }
+      }
+      for (int c = 0; c < C; ++c) {
+        L::storeu(acc0 + L::N * c, e0[c]);
+        L::storeu(acc0 + L::N * (C + c), o0[c]);
+        L::storeu(acc1 + L::N * c, e1[c]);
+        L::storeu(acc1 + L::N * (C + c), o1[c]);
       }
     }
-    if (j < end) {  // an odd n's last key (blocks are even)
-      typename L::V v0[C];
-      load_row<L, C, M>(rows + (j - block) * stride, v0);
-      const typename L::V w0 = L::set1(wi[j]);
-      for (int c = 0; c < C; ++c) a0[c] = L::fmadd(w0, v0[c], a0[c]);
-    }
-    for (int c = 0; c < C; ++c) {
-      L::storeu(ai + L::N * c, a0[c]);
-      L::storeu(ai + L::N * (C + c), a1[c]);
-    }
+    query_values<L, C, M>(b, i, block, j, rows, stride);
+    query_values<L, C, M>(b, i + 1, block, j, rows, stride);
   }
+  if (i < b.count) query_values<L, C, M>(b, i, block, block, rows, stride);
 }
 
 // One phase (the scores, or VALUES) over all blocks of a cache whose rows sit M floats past a 64-byte line; with
