@@ -60,8 +60,9 @@ def parse_args(argv=None) -> ExportConfig:
                    help=".pte 4-bit linears (--quant int4): xnnpack (XNNPACK's kernels) or linear_q4 (our kernel, "
                         "runtime/kernels/linear_q4.cpp, built on first use with g++: integer arithmetic per group, all "
                         "rows of a call in one pass over the weights, so that a d+1-row verify of a model too large "
-                        "for the caches costs little more than a 1-row call). Default: linear_q4 for int4 models "
-                        f"above {LINEAR_Q4_MIN_PARAMETERS // 10**6}M parameters, else xnnpack")
+                        "for the caches costs little more than a 1-row call). Default: the kernel the checkpoint's "
+                        "layerskip.json records as measured faster for it (the shipped model: linear_q4), else "
+                        f"linear_q4 for int4 models above {LINEAR_Q4_MIN_PARAMETERS // 10**6}M parameters, else xnnpack")
     p.add_argument("--onnx-linear", default=d.onnx_linear, choices=("matmulnbits", "linear_q4"),
                    help=".onnx 4-bit linears (--quant int4): linear_q4 (default: ONNX Runtime's 4-bit weights and "
                         "scales through our custom op layerskip.LinearQ4, runtime/kernels/ort_ops.cpp, activations to "

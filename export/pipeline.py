@@ -35,7 +35,10 @@ PTE_ATTENTION = ("row_invariant", "row_invariant_drafts", "row_sdpa", "custom_sd
 PTE_LINEAR = ("xnnpack", "linear_q4")  # the .pte's 4-bit linears: XNNPACK's, or ours (quant/linear_q4.py)
 # Where --pte-linear is not given, 8da4w models above this size get linear_q4: on the Llama-3.2-1B shape (groups of
 # 32) it predicts 1.16-1.59x at acceptance 0.8 against XNNPACK's 0.90-1.16x, its plain decoding as fast or faster
-# (README, "Two sessions ago"); models that fit the caches keep XNNPACK's kernels.
+# (README, "Two sessions ago"); models that fit the caches keep XNNPACK's kernels, unless their layerskip.json records
+# the kernel measured faster for them ("pte_linear"): the shipped model records linear_q4 (self-speculation with
+# lookup 1.37-1.41x vs 1.30-1.36x full-call plain decoding in four alternations, results/probe_pte_linear_q4_s41.txt);
+# deep16 records nothing (XNNPACK's kernels decode faster there).
 LINEAR_Q4_MIN_PARAMETERS = 300_000_000
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per
@@ -172,12 +175,20 @@ class ExportConfig:
             group //= 2
         return group
 
-    def pte_linear_for(self, config: ModelConfig, scheme: str) -> str:
-        """The .pte's linears: --pte-linear, else linear_q4 for an 8da4w model above LINEAR_Q4_MIN_PARAMETERS."""
+    def pte_linear_for(self, config: ModelConfig, scheme: str, recommended: Optional[dict] = None) -> str:
+        """The .pte's linears: --pte-linear; else at 8da4w the checkpoint's recorded choice (layerskip.json
+        "pte_linear"), else linear_q4 above LINEAR_Q4_MIN_PARAMETERS; XNNPACK's for other schemes."""
         if self.pte_linear is not None:
             return self.pte_linear
-        large = config.num_parameters() > LINEAR_Q4_MIN_PARAMETERS
-        return "linear_q4" if scheme == "8da4w" and large else "xnnpack"
+        if scheme != "8da4w":
+            return "xnnpack"  # our kernel computes 4-bit weights only
+        recorded = (recommended or {}).get("pte_linear")
+        if recorded is not None:
+            if recorded not in PTE_LINEAR:
+                raise UserError(f"layerskip.json records pte_linear '{recorded}'; it must be one of "
+                                f"{', '.join(PTE_LINEAR)} (or be left out); fix the checkpoint's layerskip.json.")
+            return recorded
+        return "linear_q4" if config.num_parameters() > LINEAR_Q4_MIN_PARAMETERS else "xnnpack"
 
     def targets(self) -> list[str]:
         return ["xnnpack", "onnx"] if self.backend == "all" else [self.backend]

@@ -542,7 +542,7 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     scheme = resolve_scheme(cfg.quant)
     backend = cfg.backend if cfg.backend in ("xnnpack", "portable") else "xnnpack"
     stages.run("quantize", quantize_model, model, scheme, cfg.group_size_for("pte", model.config, r.ckpt.recommended))
-    linear = cfg.pte_linear_for(model.config, scheme)
+    linear = cfg.pte_linear_for(model.config, scheme, r.ckpt.recommended)
     if linear == "linear_q4":
         from quant.linear_q4 import use_linear_q4
 

@@ -310,7 +310,7 @@ def matching_artifact(directory: Path, model: Path, exit_layer: int, quant: str,
     cfg = cfg or ExportConfig(model=model)
     group_size = cfg.group_size_for(m.format, ckpt.config, ckpt.recommended)
     linear = m.extra.get("linear", "xnnpack") if m.format == "pte" else ""
-    expected = cfg.pte_linear_for(ckpt.config, scheme) if m.format == "pte" else ""
+    expected = cfg.pte_linear_for(ckpt.config, scheme, ckpt.recommended) if m.format == "pte" else ""
     return (m.exit_layer, m.quant, m.group_size, m.draft_vocab, linear, m.source.get("sha256")) == (
         exit_layer, scheme, group_size, draft_vocab, expected, checkpoint_hash(model))
 

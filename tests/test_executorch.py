@@ -269,9 +269,10 @@ def test_linear_q4_refuses_what_it_cannot_compute(tiny_checkpoint, tmp_path, fla
         ExportConfig(model=tiny_checkpoint, out=tmp_path, **{"pte_linear": "linear_q4", **flags})
 
 
-def test_linear_q4_is_the_default_for_large_int4_models_only():
-    """Without --pte-linear, 8da4w models above 300M parameters get our kernel (measured faster there), others and
-    other schemes XNNPACK's; an explicit choice stands."""
+def test_linear_q4_is_the_default_for_large_int4_models_and_where_the_checkpoint_records_it():
+    """Without --pte-linear, 8da4w models above 300M parameters get our kernel (measured faster there), others
+    XNNPACK's unless their layerskip.json records the kernel measured faster for them (the shipped model: ours);
+    other schemes XNNPACK's; an explicit choice stands; a recorded kernel we do not have is a clear error."""
     from export.pipeline import LINEAR_Q4_MIN_PARAMETERS
     from runtime.scale import LLAMA_3_2_1B
     from conftest import tiny_model
@@ -282,6 +283,14 @@ def test_linear_q4_is_the_default_for_large_int4_models_only():
     assert ExportConfig().pte_linear_for(LLAMA_3_2_1B, "8da8w") == "xnnpack"
     assert ExportConfig().pte_linear_for(tiny, "8da4w") == "xnnpack"
     assert ExportConfig(pte_linear="xnnpack").pte_linear_for(LLAMA_3_2_1B, "8da4w") == "xnnpack"
+    models = Path(__file__).parents[1] / "models"
+    shipped = json.loads((models / "default" / "layerskip.json").read_text())
+    assert ExportConfig().pte_linear_for(tiny, "8da4w", shipped) == "linear_q4"
+    assert ExportConfig().pte_linear_for(tiny, "8da8w", shipped) == "xnnpack"
+    assert ExportConfig(pte_linear="xnnpack").pte_linear_for(tiny, "8da4w", shipped) == "xnnpack"
+    assert "pte_linear" not in json.loads((models / "deep16" / "layerskip.json").read_text())
+    with pytest.raises(UserError, match="pte_linear 'fast'"):
+        ExportConfig().pte_linear_for(tiny, "8da4w", {"pte_linear": "fast"})
 
 
 def test_the_row_sdpa_kernel_is_built_once_and_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
