@@ -135,7 +135,7 @@ class Manifest:
                 "exit_layer": self.exit_layer, "draft_threshold": self.draft_threshold,
                 "max_seq_len": self.max_seq_len, "file_sizes": self.file_sizes,
                 "draft_vocab": self.draft_vocab, "exact_lookup": self.exact_lookup,
-                **{k: self.extra[k] for k in ("kv_cache", "attention") if k in self.extra}}
+                **{k: self.extra[k] for k in ("kv_cache", "attention", "linear") if k in self.extra}}
 
 
 def read_manifest(directory: Path | str) -> Manifest:

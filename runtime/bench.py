@@ -326,12 +326,14 @@ def export_grid(cfg: BenchConfig) -> list[Path]:
 
 
 def artifact_label(facts: dict) -> str:
-    """e.g. 'pte/xnnpack 8da4w', 'pte/xnnpack 8da4w row_invariant', 'onnx/onnxruntime matmulnbits-int4 sdpa',
-    '... draft vocab 1024'."""
+    """e.g. 'pte/xnnpack 8da4w', 'pte/xnnpack 8da4w row_invariant', 'pte/xnnpack 8da4w row_sdpa linear_q4',
+    'onnx/onnxruntime matmulnbits-int4 sdpa', '... draft vocab 1024'."""
     label = f"{facts['backend']} {facts.get('quant', 'fp32')}"
     for key, default in (("kv_cache", "row"), ("attention", "custom_sdpa")):
         if facts.get(key, default) != default:
             label += f" {facts[key]}"
+    if facts["backend"].startswith("pte") and facts.get("linear") == "linear_q4":
+        label += " linear_q4"
     return label + (f" draft vocab {facts['draft_vocab']}" if facts.get("draft_vocab") else "")
 
 
