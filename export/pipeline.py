@@ -37,7 +37,8 @@ PTE_LINEAR = ("xnnpack", "linear_q4")  # the .pte's 4-bit linears: XNNPACK's, or
 # 32) it predicts 1.16-1.59x at acceptance 0.8 against XNNPACK's 0.90-1.16x, its plain decoding as fast or faster
 # (README, "Three sessions ago"); models that fit the caches keep XNNPACK's kernels, unless their layerskip.json records
 # the kernel measured faster for them ("pte_linear"): the shipped model records linear_q4 (self-speculation with
-# lookup 1.37-1.41x vs 1.30-1.36x full-call plain decoding in four alternations, results/probe_pte_linear_q4_s41.txt);
+# lookup 1.37-1.41x vs 1.30-1.36x full-call plain decoding in four alternations, results/probe_pte_linear_q4_s41.txt;
+# with q/k/v and gate/up joined, faster in tok/s in 3 of 4, results/probe_pte_joined_projections.txt);
 # deep16 records nothing (XNNPACK's kernels decode faster there).
 LINEAR_Q4_MIN_PARAMETERS = 300_000_000
 DEFAULT_DRAFT_LENGTH = 4

@@ -183,6 +183,7 @@ class XnnpackAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.qkv_proj, self.qkv_sizes = None, None  # q, k and v as one linear (quant.linear_q4.join_projections)
         d, half = self.head_dim, self.head_dim // 2
         rotate = torch.zeros(d, d)  # rotate_half(x) == x @ rotate.T: [-x[half:], x[:half]]
         rotate[torch.arange(half), torch.arange(half) + half] = -1.0
@@ -192,9 +193,13 @@ class XnnpackAttention(nn.Module):
     def forward(self, x, cos, sin, positions, cache: CustomOpKVCache):
         d = self.head_dim
         # x: [1, T, dim] -> q: [1, T, H, D], k/v: [1, T, H_kv, D]; cos, sin: [T, D] -> [T, 1, D]
-        q = self.q_proj(x).view(1, -1, self.n_heads, d)
-        k = self.k_proj(x).view(1, -1, self.n_kv_heads, d)
-        v = self.v_proj(x).view(1, -1, self.n_kv_heads, d)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, -1)  # [1, T, (H + 2 H_kv) D] -> three
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(1, -1, self.n_heads, d)
+        k = k.view(1, -1, self.n_kv_heads, d)
+        v = v.view(1, -1, self.n_kv_heads, d)
         cos, sin = cos.view(-1, 1, d), sin.view(-1, 1, d)
         q = q * cos + F.linear(q, self.rotate) * sin
         k = k * cos + F.linear(k, self.rotate) * sin
@@ -548,6 +553,10 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
 
         use_linear_q4(model)
     prepare_for_executorch(model, r.max_seq_len, cfg.pte_attention, r.exit_layer)
+    if linear == "linear_q4":
+        from quant.linear_q4 import join_projections
+
+        join_projections(model)
     constants = runtime_constants(model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call)
     jobs = cfg.jobs or default_jobs(model)
     methods = cfg.methods_for("pte", model.config)

@@ -18,6 +18,7 @@ group of G inputs where the weights have a chunk.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BLOCK, CHUNK, GROUP = 16, 8, 4  # output channels per block, inputs per 64-byte chunk, blocks interleaved
@@ -112,13 +113,31 @@ def define_op() -> None:
 
 
 class LinearQ4(nn.Module):
-    """A torchao 8da4w linear (fits()), through layerskip::linear_q4."""
+    """A torchao 8da4w linear (fits()), through layerskip::linear_q4; or several on the same input as one (joined())."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        q, scale = linear.weight.qdata, linear.weight.scale  # [N, K] in -8..7; [N, K/G]
+        self._build(linear.weight.qdata, linear.weight.scale)  # [N, K] in -8..7; [N, K/G]
+
+    @classmethod
+    def joined(cls, linears: list["LinearQ4"]) -> "LinearQ4":
+        """One LinearQ4 computing `linears` (same input width and groups) side by side: output channels in their
+        order. Each channel's result has the bits it has in its own linear (a channel's arithmetic reads only its
+        weights and the row's quantized activations), and the row is quantized once instead of once per linear."""
+        q = torch.cat([l.dense_weights()[0] for l in linears])
+        scale = torch.cat([l.dense_weights()[1] for l in linears])
+        joined = cls.__new__(cls)
+        nn.Module.__init__(joined)
+        joined._build(q, scale)
+        return joined
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int4 values [N, K] and scales [N, K/G] this linear was packed from."""
+        return unpack(self.weight_q4), unpack_scales(self.scales)
+
+    def _build(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         n, groups = scale.shape
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features = q.shape[1], n
         self.register_buffer("weight_q4", pack(q), persistent=False)
         self.register_buffer("scales", pack_scales(scale), persistent=False)  # [K/G, N]
         w = q.double().view(n, groups, -1) * scale.double()[:, :, None]  # [N, K/G, G]
@@ -126,6 +145,39 @@ class LinearQ4(nn.Module):
 
     def forward(self, x):
         return torch.ops.layerskip.linear_q4(x, self.weight_q4, self.scales, self.weight_sums)
+
+
+class JoinedMLP(nn.Module):
+    """An MLP whose gate and up projections (LinearQ4s) are one LinearQ4; the same ops after it."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_up_proj = LinearQ4.joined([mlp.gate_proj, mlp.up_proj])
+        self.down_proj, self.intermediate = mlp.down_proj, mlp.gate_proj.out_features
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate, -1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def join_projections(model: nn.Module) -> int:
+    """After use_linear_q4 and the .pte's source transforms (export/to_pte.prepare_for_executorch): in every layer,
+    q/k/v (the attention's qkv_proj) and gate/up (JoinedMLP) become one LinearQ4 each, their output split after it;
+    returns how many linears were joined. One call and one quantization of the row instead of three and two (the
+    shipped .pte: results/probe_pte_joined_projections.txt); every output keeps its bits (LinearQ4.joined)."""
+    joined = 0
+    for layer in getattr(model, "layers", []):
+        attn = layer.self_attn
+        parts = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if hasattr(attn, "qkv_proj") and all(isinstance(p, LinearQ4) for p in parts):
+            attn.qkv_proj, attn.qkv_sizes = LinearQ4.joined(parts), [p.out_features for p in parts]
+            attn.q_proj = attn.k_proj = attn.v_proj = None
+            joined += 3
+        mlp = layer.mlp
+        if isinstance(getattr(mlp, "gate_proj", None), LinearQ4) and isinstance(getattr(mlp, "up_proj", None), LinearQ4):
+            layer.mlp = JoinedMLP(mlp)
+            joined += 2
+    return joined
 
 
 def use_linear_q4(model: nn.Module) -> int:

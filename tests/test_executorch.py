@@ -255,9 +255,42 @@ def test_linear_q4_matches_torchao_and_gives_a_row_the_bits_of_a_one_token_call(
                                                           unmatched_step="exit"))
         assert spec.tokens == ar.tokens and 0 < spec.stats.accepted
     layers, exit_layer = m.model_config["num_hidden_layers"], m.exit_layer
-    for method, linears in (("draft", 7 * exit_layer + 1), ("verify", 7 * (layers - exit_layer) + 1),
-                            ("forward", 7 * layers + 1)):  # q, k, v, o, gate, up, down per layer, and the head
+    for method, linears in (("draft", 4 * exit_layer + 1), ("verify", 4 * (layers - exit_layer) + 1),
+                            ("forward", 4 * layers + 1)):  # qkv, o, gate|up, down per layer, and the head
         assert instructions(m.path("program"), method)["layerskip::linear_q4"] == linears, method
+
+
+def test_joined_linear_q4_is_its_parts_side_by_side():
+    """The .pte joins each layer's q/k/v and gate/up LinearQ4s into one (quant.linear_q4.join_projections): the joined
+    weights are the parts' stacked (unpacked exactly), its output is theirs side by side, and the layer computes what
+    it computed before (the kernel's bits per channel are checked by linear_q4_check.cpp, whose blocks are
+    independent of their neighbours)."""
+    from conftest import tiny_model
+    from export.to_pte import XnnpackAttention
+    from quant.linear_q4 import JoinedMLP, LinearQ4, join_projections, use_linear_q4
+    from quant.torchao_schemes import quantize_model
+
+    model = tiny_model()
+    quantize_model(model, "int4", 32)
+    use_linear_q4(model)
+    layer = model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    x = torch.randn(1, 3, model.config.hidden_size)
+    with torch.no_grad():
+        separate = [torch.cat([p(x) for p in parts], -1), mlp(x)]
+        for layer in model.layers:
+            layer.self_attn = XnnpackAttention(layer.self_attn)
+        assert join_projections(model) == 5 * model.config.num_hidden_layers
+        joined_attn, joined_mlp = model.layers[0].self_attn, model.layers[0].mlp
+        assert isinstance(joined_mlp, JoinedMLP) and joined_attn.q_proj is None
+        q, scale = joined_attn.qkv_proj.dense_weights()
+        assert torch.equal(q, torch.cat([p.dense_weights()[0] for p in parts]))
+        assert torch.equal(scale, torch.cat([p.dense_weights()[1] for p in parts]))
+        assert joined_attn.qkv_sizes == [p.out_features for p in parts]
+        torch.testing.assert_close(joined_attn.qkv_proj(x), separate[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(joined_mlp(x), separate[1], rtol=1e-6, atol=1e-6)
+    assert isinstance(joined_attn.qkv_proj, LinearQ4)
 
 
 @pytest.mark.parametrize("flags,message", [
