@@ -115,33 +115,31 @@ def define_op() -> None:
 class LinearQ4(nn.Module):
     """A torchao 8da4w linear (fits()), through layerskip::linear_q4; or several on the same input as one (joined())."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        """q: the int4 values [N, K] in -8..7; scale: [N, K/G]."""
         super().__init__()
-        self._build(linear.weight.qdata, linear.weight.scale)  # [N, K] in -8..7; [N, K/G]
-
-    @classmethod
-    def joined(cls, linears: list["LinearQ4"]) -> "LinearQ4":
-        """One LinearQ4 computing `linears` (same input width and groups) side by side: output channels in their
-        order. Each channel's result has the bits it has in its own linear (a channel's arithmetic reads only its
-        weights and the row's quantized activations), and the row is quantized once instead of once per linear."""
-        q = torch.cat([l.dense_weights()[0] for l in linears])
-        scale = torch.cat([l.dense_weights()[1] for l in linears])
-        joined = cls.__new__(cls)
-        nn.Module.__init__(joined)
-        joined._build(q, scale)
-        return joined
-
-    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int4 values [N, K] and scales [N, K/G] this linear was packed from."""
-        return unpack(self.weight_q4), unpack_scales(self.scales)
-
-    def _build(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         n, groups = scale.shape
         self.in_features, self.out_features = q.shape[1], n
         self.register_buffer("weight_q4", pack(q), persistent=False)
         self.register_buffer("scales", pack_scales(scale), persistent=False)  # [K/G, N]
         w = q.double().view(n, groups, -1) * scale.double()[:, :, None]  # [N, K/G, G]
         self.register_buffer("weight_sums", w.sum((1, 2)).float(), persistent=False)  # [N]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "LinearQ4":
+        return cls(linear.weight.qdata, linear.weight.scale)
+
+    @classmethod
+    def joined(cls, linears: list["LinearQ4"]) -> "LinearQ4":
+        """One LinearQ4 computing `linears` (same input width and groups) side by side: output channels in their
+        order. Each channel's result has the bits it has in its own linear (a channel's arithmetic reads only its
+        weights and the row's quantized activations), and the row is quantized once instead of once per linear."""
+        parts = [linear.dense_weights() for linear in linears]
+        return cls(torch.cat([q for q, _ in parts]), torch.cat([scale for _, scale in parts]))
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int4 values [N, K] and scales [N, K/G] this linear was packed from."""
+        return unpack(self.weight_q4), unpack_scales(self.scales)
 
     def forward(self, x):
         return torch.ops.layerskip.linear_q4(x, self.weight_q4, self.scales, self.weight_sums)
@@ -190,6 +188,6 @@ def use_linear_q4(model: nn.Module) -> int:
             if id(child) in swapped:
                 setattr(parent, name, swapped[id(child)])
             elif fits(child):
-                swapped[id(child)] = LinearQ4(child)
+                swapped[id(child)] = LinearQ4.from_linear(child)
                 setattr(parent, name, swapped[id(child)])
     return len(swapped)
