@@ -36,10 +36,10 @@ PTE_LINEAR = ("xnnpack", "linear_q4")  # the .pte's 4-bit linears: XNNPACK's, or
 # Where --pte-linear is not given, 8da4w models above this size get linear_q4: on the Llama-3.2-1B shape (groups of
 # 32) it predicts 1.16-1.59x at acceptance 0.8 against XNNPACK's 0.90-1.16x, its plain decoding as fast or faster
 # (README, "Three sessions ago"); models that fit the caches keep XNNPACK's kernels, unless their layerskip.json records
-# the kernel measured faster for them ("pte_linear"): the shipped model records linear_q4 (self-speculation with
-# lookup 1.37-1.41x vs 1.30-1.36x full-call plain decoding in four alternations, results/probe_pte_linear_q4_s41.txt;
-# with q/k/v and gate/up joined, faster in tok/s in 3 of 4, results/probe_pte_joined_projections.txt);
-# deep16 records nothing (XNNPACK's kernels decode faster there).
+# the kernel measured faster for them ("pte_linear"): both shipped models record linear_q4, whose layers are one call
+# each (export/fused_layer.py): with lookup 6033.3 vs 5415.5 tok/s (shipped, against its joined linears' graph) and
+# 4854.5 vs 4276.5 (deep16, against XNNPACK's kernels), full-call plain decoding 24-26% faster
+# (results/bench_s42_*_pte_fused*.md).
 LINEAR_Q4_MIN_PARAMETERS = 300_000_000
 DEFAULT_DRAFT_LENGTH = 4
 # The 4-bit weight layout per target when --group-size is not given: a group of G input channels per

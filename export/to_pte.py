@@ -557,6 +557,10 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
         from quant.linear_q4 import join_projections
 
         join_projections(model)
+        if cfg.pte_attention == "row_sdpa":
+            from export.fused_layer import fuse_layers
+
+            fuse_layers(model)
     constants = runtime_constants(model, r.exit_layer, r.max_seq_len, cfg.max_tokens_per_call)
     jobs = cfg.jobs or default_jobs(model)
     methods = cfg.methods_for("pte", model.config)

@@ -230,9 +230,10 @@ def test_linear_q4_keeps_its_bits_across_row_counts_and_instruction_sets(flags, 
 @pytest.mark.parametrize("group_size", [0, 32], ids=["per_channel", "group32"])
 def test_linear_q4_matches_torchao_and_gives_a_row_the_bits_of_a_one_token_call(tiny_checkpoint, group_size,
                                                                                  tmp_path):
-    """--pte-linear linear_q4: every linear of every method runs our kernel, whose numbers are torchao's 8da4w (to
-    float rounding), per output channel and per group of 32 inputs; rows keep their bits in calls of any row count in
-    every method, and greedy self-speculation, with and without lookup, equals plain decoding and the full call."""
+    """--pte-linear linear_q4: every linear of every method runs our kernel (each layer as one layerskip::decoder_layer
+    call, export/fused_layer.py, the head through linear_q4), whose numbers are torchao's 8da4w (to float rounding),
+    per output channel and per group of 32 inputs; rows keep their bits in calls of any row count in every method, and
+    greedy self-speculation, with and without lookup, equals plain decoding and the full call."""
     from models.checkpoint import load_model
     from quant.torchao_schemes import quantize_model
     from runtime.eager import EagerBackend
@@ -255,9 +256,10 @@ def test_linear_q4_matches_torchao_and_gives_a_row_the_bits_of_a_one_token_call(
                                                           unmatched_step="exit"))
         assert spec.tokens == ar.tokens and 0 < spec.stats.accepted
     layers, exit_layer = m.model_config["num_hidden_layers"], m.exit_layer
-    for method, linears in (("draft", 4 * exit_layer + 1), ("verify", 4 * (layers - exit_layer) + 1),
-                            ("forward", 4 * layers + 1)):  # qkv, o, gate|up, down per layer, and the head
-        assert instructions(m.path("program"), method)["layerskip::linear_q4"] == linears, method
+    for method, count in (("draft", exit_layer), ("verify", layers - exit_layer), ("forward", layers)):
+        calls = instructions(m.path("program"), method)  # a layer is one call (export/fused_layer.py), then the head
+        assert calls["layerskip::decoder_layer"] == count and calls["layerskip::linear_q4"] == 1, method
+        assert "layerskip::row_sdpa" not in calls and "llama::update_cache" not in calls, method
 
 
 def test_joined_linear_q4_is_its_parts_side_by_side():
@@ -293,6 +295,39 @@ def test_joined_linear_q4_is_its_parts_side_by_side():
     assert isinstance(joined_attn.qkv_proj, LinearQ4)
 
 
+def test_fused_layer_computes_what_the_layers_ops_did():
+    """A linear_q4 .pte's layer as one layerskip::decoder_layer call (export/fused_layer.py): its torch reference gives
+    the logits and writes the caches the layer's ops did, over a prompt and a step after it (the kernel itself is
+    checked against torchao's eager model through the .pte: test_linear_q4_matches_torchao_...)."""
+    from conftest import tiny_model
+    from export.fused_layer import FusedDecoderLayer, fuse_layers
+    from export.to_pte import prepare_for_executorch
+    from quant.linear_q4 import join_projections, use_linear_q4
+    from quant.torchao_schemes import quantize_model
+
+    model = tiny_model()
+    quantize_model(model, "int4", 32)
+    use_linear_q4(model)
+    prepare_for_executorch(model, 16, "row_sdpa")
+    join_projections(model)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+
+    def decode():
+        for cache in model.caches:
+            cache.k.zero_(), cache.v.zero_()
+        with torch.no_grad():
+            logits = [model(tokens[:, :5], torch.tensor([0])), model(tokens[:, 5:], torch.tensor([5]))]
+        return logits, [torch.cat([c.k, c.v]).clone() for c in model.caches]
+
+    expected_logits, expected_caches = decode()
+    assert fuse_layers(model) == model.config.num_hidden_layers
+    assert all(isinstance(layer, FusedDecoderLayer) for layer in model.layers)
+    logits, caches = decode()
+    for got, expected in zip(logits + caches, expected_logits + expected_caches):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert caches[0][:, 7:].abs().sum() == 0 and caches[0][:, :7].abs().sum() > 0  # positions 0..6 written
+
+
 @pytest.mark.parametrize("flags,message", [
     (dict(quant="int8"), "--pte-linear linear_q4 computes 4-bit linears; it needs --quant int4, not 'int8'"),
     (dict(quant="int4", pte_linear="fast"), "--pte-linear 'fast' is unknown; use one of xnnpack, linear_q4"),
@@ -304,7 +339,7 @@ def test_linear_q4_refuses_what_it_cannot_compute(tiny_checkpoint, tmp_path, fla
 
 def test_linear_q4_is_the_default_for_large_int4_models_and_where_the_checkpoint_records_it():
     """Without --pte-linear, 8da4w models above 300M parameters get our kernel (measured faster there), others
-    XNNPACK's unless their layerskip.json records the kernel measured faster for them (the shipped model: ours);
+    XNNPACK's unless their layerskip.json records the kernel measured faster for them (both shipped models: ours);
     other schemes XNNPACK's; an explicit choice stands; a recorded kernel we do not have is a clear error."""
     from export.pipeline import LINEAR_Q4_MIN_PARAMETERS
     from runtime.scale import LLAMA_3_2_1B
@@ -321,7 +356,9 @@ def test_linear_q4_is_the_default_for_large_int4_models_and_where_the_checkpoint
     assert ExportConfig().pte_linear_for(tiny, "8da4w", shipped) == "linear_q4"
     assert ExportConfig().pte_linear_for(tiny, "8da8w", shipped) == "xnnpack"
     assert ExportConfig(pte_linear="xnnpack").pte_linear_for(tiny, "8da4w", shipped) == "xnnpack"
-    assert "pte_linear" not in json.loads((models / "deep16" / "layerskip.json").read_text())
+    deep16 = json.loads((models / "deep16" / "layerskip.json").read_text())
+    assert ExportConfig().pte_linear_for(tiny, "8da4w", deep16) == "linear_q4"
+    assert ExportConfig().pte_linear_for(tiny, "8da4w", {}) == "xnnpack"
     with pytest.raises(UserError, match="pte_linear 'fast'"):
         ExportConfig().pte_linear_for(tiny, "8da4w", {"pte_linear": "fast"})
 

@@ -1,7 +1,8 @@
 """Our own ExecuTorch kernels: layerskip::row_sdpa.out (row_sdpa.cpp), causal attention over a KV cache that gives a
 query row the same bits whatever the number of rows in the call (export/to_pte.py: --pte-attention row_sdpa), and
 layerskip::linear_q4.out (linear_q4.cpp), 4-bit linears in integer arithmetic whose rows share one pass over the
-weights (quant/linear_q4.py: --pte-linear linear_q4). The same library carries one call into the runtime that its Python
+weights (quant/linear_q4.py: --pte-linear linear_q4), and layerskip::decoder_layer.out (decoder_layer.cpp), a whole
+decoder layer of such a .pte in one call, through the same linear and attention (export/fused_layer.py). The same library carries one call into the runtime that its Python
 bindings lack (xnnpack_options.cpp): share_xnnpack_weights() turns on XNNPACK's weight cache.
 
 ONNX Runtime gets the same attention as a custom operator, layerskip.RowAttention (ort_ops.cpp, --onnx-kv-cache row),
@@ -28,9 +29,9 @@ from pathlib import Path
 
 from runtime.errors import UserError
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("row_sdpa.cpp", "linear_q4.cpp", "xnnpack_options.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("row_sdpa.cpp", "linear_q4.cpp", "decoder_layer.cpp", "xnnpack_options.cpp"))
 ORT_SOURCES = (Path(__file__).with_name("ort_ops.cpp"),)
-HEADERS = tuple(Path(__file__).with_name(f) for f in ("row_attention.h", "linear_q4.h", "ort_api.h"))  # in both libraries' keys
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("row_attention.h", "linear_q4.h", "et_kernels.h", "ort_api.h"))  # in both libraries' keys
 _loaded: list[ctypes.CDLL] = []  # the kernel library, once loaded
 
 
@@ -113,17 +114,18 @@ def _cpu_model() -> str:
 _torch_ops: dict[str, object] = {}
 
 
-def define_torch_op(name: str, args: str, compute, fake) -> None:
+def define_torch_op(name: str, args: str, compute, fake, out_alias: str = "a") -> None:
     """layerskip::<name>(<args>) -> Tensor and its out form for torch (export and eager), once per process: computed by
     `compute` (the kernel's reference in torch), shaped by `fake` while tracing. ExecuTorch runs the out form through
-    our kernel."""
+    our kernel. out_alias: the out tensor's alias set, one that `args` does not name (Tensor(a!) for an input the op
+    writes)."""
     if name in _torch_ops:
         return
     import torch
 
     lib = torch.library.Library("layerskip", "FRAGMENT")
     lib.define(f"{name}({args}) -> Tensor")
-    lib.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
+    lib.define(f"{name}.out({args}, *, Tensor({out_alias}!) out) -> Tensor({out_alias}!)")
     lib.impl(name, compute, "CompositeExplicitAutograd")
     lib.impl(f"{name}.out", lambda *inputs, out: out.copy_(compute(*inputs)), "CompositeExplicitAutograd")
     torch.library.register_fake(f"layerskip::{name}", fake, lib=lib)

@@ -27,6 +27,7 @@
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
+#include "et_kernels.h"
 #include "linear_q4.h"
 
 namespace layerskip {
@@ -35,30 +36,22 @@ using executorch::aten::ScalarType;
 using executorch::aten::Tensor;
 using executorch::runtime::KernelRuntimeContext;
 
-Tensor& linear_q4_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, const Tensor& scales,
-                      const Tensor& weight_sums, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Byte &&
-                      scales.scalar_type() == ScalarType::Float && weight_sums.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out, "linear_q4: x fp32, weight uint8, scales and weight_sums fp32");
-  ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && weight.dim() == 3 && weight.size(2) == 64 && scales.dim() == 2 &&
-                      weight_sums.dim() == 1, InvalidArgument, out,
-                      "linear_q4: weight must be [N/16, K/8, 64], scales [K/G, N], weight_sums [N]");
-  const int64_t k = x.size(x.dim() - 1), groups = scales.size(0), n = scales.size(1);
-  const int64_t rows = x.numel() / std::max<int64_t>(k, 1);
-  ET_KERNEL_CHECK_MSG(ctx, weight.size(1) * q4::kChunk == k && weight.size(0) * q4::kBlock == n &&
-                      weight_sums.size(0) == n && groups > 0 && k % (groups * q4::kChunk) == 0 &&
-                      k < (int64_t{1} << 19), InvalidArgument, out, "linear_q4: shapes do not match");
-  executorch::aten::SizesType sizes[8];
-  ET_KERNEL_CHECK(ctx, x.dim() <= 8, InvalidArgument, out);
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
-  sizes[x.dim() - 1] = n;
-  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) ==
-                  executorch::runtime::Error::Ok, InvalidArgument, out);
+bool linear_q4_fits(const Tensor& weight, const Tensor& scales, const Tensor& weight_sums, int64_t k) {
+  if (weight.scalar_type() != ScalarType::Byte || scales.scalar_type() != ScalarType::Float ||
+      weight_sums.scalar_type() != ScalarType::Float || weight.dim() != 3 || weight.size(2) != 64 ||
+      scales.dim() != 2 || weight_sums.dim() != 1)
+    return false;
+  const int64_t groups = scales.size(0), n = scales.size(1);
+  return weight.size(1) * q4::kChunk == k && weight.size(0) * q4::kBlock == n && weight_sums.size(0) == n &&
+         groups > 0 && k % (groups * q4::kChunk) == 0 && k < (int64_t{1} << 19);
+}
 
-  const q4::Rows quantized = q4::quantize_rows(x.const_data_ptr<float>(), rows, k, groups);
+void linear_q4_rows(const float* x, int64_t rows, int64_t k, const Tensor& weight, const Tensor& scales,
+                    const Tensor& weight_sums, float* y) {
+  const int64_t groups = scales.size(0), n = scales.size(1);
+  const q4::Rows quantized = q4::quantize_rows(x, rows, k, groups);
   const q4::Weights w{weight.const_data_ptr<uint8_t>(), k / q4::kChunk, n / q4::kBlock};
   const q4::Scales sc{scales.const_data_ptr<float>(), weight_sums.const_data_ptr<float>(), n, groups};
-  float* y = out.mutable_data_ptr<float>();
   // groups of output blocks in parallel (ExecuTorch's thread pool) from 3 rows on, where computing, not reading the
   // weights, bounds a call; fewer rows in this thread, sparing the pool's wake-ups. A channel's arithmetic is the same
   // whichever thread runs it.
@@ -66,6 +59,22 @@ Tensor& linear_q4_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   executorch::extension::parallel_for(0, tasks, rows >= 3 ? 1 : tasks, [&](int64_t begin, int64_t end) {
     q4::blocks(quantized, rows, w, sc, begin * q4::kGroup, std::min(blocks, end * q4::kGroup), y);
   });
+}
+
+Tensor& linear_q4_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, const Tensor& scales,
+                      const Tensor& weight_sums, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.dim() <= 8, InvalidArgument, out,
+                      "linear_q4: x must be fp32, 1-D to 8-D");
+  const int64_t k = x.size(x.dim() - 1);
+  ET_KERNEL_CHECK_MSG(ctx, linear_q4_fits(weight, scales, weight_sums, k), InvalidArgument, out,
+                      "linear_q4: weight must be [N/16, K/8, 64] uint8, scales [K/G, N] and weight_sums [N] fp32");
+  executorch::aten::SizesType sizes[8];
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = scales.size(1);
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) ==
+                  executorch::runtime::Error::Ok, InvalidArgument, out);
+  linear_q4_rows(x.const_data_ptr<float>(), x.numel() / std::max<int64_t>(k, 1), k, weight, scales, weight_sums,
+                 out.mutable_data_ptr<float>());
   return out;
 }
 

@@ -18,6 +18,7 @@
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
+#include "et_kernels.h"
 #include "row_attention.h"
 
 namespace layerskip {
@@ -26,22 +27,8 @@ using executorch::aten::ScalarType;
 using executorch::aten::Tensor;
 using executorch::runtime::KernelRuntimeContext;
 
-Tensor& row_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                     int64_t start_pos, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, InvalidArgument, out,
-                      "row_sdpa: q and the caches must be 4-D");
-  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && k_cache.scalar_type() == ScalarType::Float &&
-                      v_cache.scalar_type() == ScalarType::Float, InvalidArgument, out, "row_sdpa: fp32 only");
-  const int64_t t = q.size(1), h = q.size(2), d = q.size(3);
-  const int64_t s = k_cache.size(1), h_kv = k_cache.size(2);
-  ET_KERNEL_CHECK_MSG(ctx, k_cache.size(3) == d && h % h_kv == 0 && start_pos >= 0 && start_pos + t <= s,
-                      InvalidArgument, out, "row_sdpa: shapes or start_pos out of range");
-  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == executorch::runtime::Error::Ok,
-                  InvalidArgument, out);
-  const float* qp = q.const_data_ptr<float>();
-  const float* kp = k_cache.const_data_ptr<float>();
-  const float* vp = v_cache.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
+void attend_rows(const float* q, int64_t q_stride, int64_t t, int64_t h, int64_t d, const float* k_cache,
+                 const float* v_cache, int64_t s, int64_t h_kv, int64_t start_pos, float* out) {
   const int64_t group = h / h_kv, stride = h_kv * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // KV heads in parallel (ExecuTorch's thread pool, as its own kernels use it): each query's arithmetic is the same
@@ -61,14 +48,30 @@ Tensor& row_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k
       for (int64_t row = 0; row < t; ++row)
         for (int64_t g = 0; g < group; ++g) {
           const int64_t head = kv * group + g, i = row * group + g;
-          queries[i] = qp + (row * h + head) * d;
-          outs[i] = op + (row * h + head) * d;
+          queries[i] = q + row * q_stride + head * d;
+          outs[i] = out + (row * h + head) * d;
           keys[i] = start_pos + row + 1;
         }
-      attend_queries(queries.data(), keys.data(), count, kp + kv * d, vp + kv * d, d, stride, s, scale, w.data(),
-                     acc.data(), outs.data());
+      attend_queries(queries.data(), keys.data(), count, k_cache + kv * d, v_cache + kv * d, d, stride, s, scale,
+                     w.data(), acc.data(), outs.data());
     }
   });
+}
+
+Tensor& row_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                     int64_t start_pos, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, InvalidArgument, out,
+                      "row_sdpa: q and the caches must be 4-D");
+  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && k_cache.scalar_type() == ScalarType::Float &&
+                      v_cache.scalar_type() == ScalarType::Float, InvalidArgument, out, "row_sdpa: fp32 only");
+  const int64_t t = q.size(1), h = q.size(2), d = q.size(3);
+  const int64_t s = k_cache.size(1), h_kv = k_cache.size(2);
+  ET_KERNEL_CHECK_MSG(ctx, k_cache.size(3) == d && h % h_kv == 0 && start_pos >= 0 && start_pos + t <= s,
+                      InvalidArgument, out, "row_sdpa: shapes or start_pos out of range");
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == executorch::runtime::Error::Ok,
+                  InvalidArgument, out);
+  attend_rows(q.const_data_ptr<float>(), h * d, t, h, d, k_cache.const_data_ptr<float>(),
+              v_cache.const_data_ptr<float>(), s, h_kv, start_pos, out.mutable_data_ptr<float>());
   return out;
 }
 

@@ -1,0 +1,102 @@
+"""A linear_q4 .pte's decoder layers as one call each: layerskip::decoder_layer (runtime/kernels/decoder_layer.cpp).
+
+After quant.linear_q4.join_projections, a layer of the .pte was 5 XNNPACK delegate calls (norms, rotary, SiLU,
+residual adds) around 4 linear_q4 calls, a row_sdpa call, 2 cache writes and 2 splits: ~17 calls a layer, each a few
+microseconds whatever its size, for ~16 us of arithmetic a row on the shipped model. fuse_layers makes each layer one
+call of our kernel, which runs the same linears and attention on the same caches (rows keep their bits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.linear_q4 import JoinedMLP, LinearQ4, linear_q4
+
+
+def rms_norm(x, weight, eps: float):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rotary(x, cos, sin):
+    """x: [1, T, H, D]; cos, sin: [T, D] -> x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, None], sin[:, None]  # [T, 1, D]
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def decoder_layer(x, cos, sin, k_cache, v_cache, start_pos, attn_norm, qkv_weight, qkv_scales, qkv_sums, o_weight,
+                  o_scales, o_sums, mlp_norm, gate_up_weight, gate_up_scales, gate_up_sums, down_weight, down_scales,
+                  down_sums, n_heads, eps):
+    """layerskip::decoder_layer in torch (its reference; ExecuTorch runs our kernel): x [1, T, dim] at positions
+    start_pos .. start_pos + T - 1 -> the layer's output [1, T, dim]; writes k and v rows into the caches
+    [1, S, H_kv, D]."""
+    from export.to_pte import row_sdpa
+
+    t, (h_kv, d) = x.shape[1], k_cache.shape[2:]
+    q, k, v = linear_q4(rms_norm(x, attn_norm, eps), qkv_weight, qkv_scales, qkv_sums).split(
+        [n_heads * d, h_kv * d, h_kv * d], -1)
+    q, k = rotary(q.view(1, t, n_heads, d), cos, sin), rotary(k.view(1, t, h_kv, d), cos, sin)
+    k_cache[:, start_pos:start_pos + t] = k
+    v_cache[:, start_pos:start_pos + t] = v.view(1, t, h_kv, d)
+    attended = row_sdpa(q, k_cache, v_cache, start_pos).view(1, t, n_heads * d)
+    h = x + linear_q4(attended, o_weight, o_scales, o_sums)
+    gate, up = linear_q4(rms_norm(h, mlp_norm, eps), gate_up_weight, gate_up_scales, gate_up_sums).chunk(2, -1)
+    return h + linear_q4(F.silu(gate) * up, down_weight, down_scales, down_sums)
+
+
+def define_op() -> None:
+    from runtime.kernels import define_torch_op
+
+    define_torch_op(
+        "decoder_layer",
+        "Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start_pos, "
+        "Tensor attn_norm, Tensor qkv_weight, Tensor qkv_scales, Tensor qkv_sums, Tensor o_weight, Tensor o_scales, "
+        "Tensor o_sums, Tensor mlp_norm, Tensor gate_up_weight, Tensor gate_up_scales, Tensor gate_up_sums, "
+        "Tensor down_weight, Tensor down_scales, Tensor down_sums, int n_heads, float eps",
+        decoder_layer, lambda x, *rest: torch.empty_like(x), out_alias="c")
+
+
+def linear_args(linear: LinearQ4) -> tuple:
+    return linear.weight_q4, linear.scales, linear.weight_sums
+
+
+class FusedDecoderLayer(nn.Module):
+    """A prepared decoder layer (export/to_pte.prepare_for_executorch, then join_projections) as one
+    layerskip::decoder_layer call on the layer's RowSdpaKVCache; the same weights (its modules are the layer's)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        attn = layer.self_attn
+        self.qkv, self.o, self.gate_up, self.down = attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+        self.attn_norm, self.mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.n_heads = attn.n_heads
+
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        attn = layer.self_attn
+        return (isinstance(getattr(attn, "qkv_proj", None), LinearQ4) and isinstance(attn.o_proj, LinearQ4)
+                and isinstance(layer.mlp, JoinedMLP) and isinstance(layer.mlp.down_proj, LinearQ4)
+                and attn.qkv_sizes[1] == attn.qkv_sizes[2])
+
+    def forward(self, x, cos, sin, positions, cache):
+        start = positions[0].item()
+        torch._check(start >= 0)
+        torch._check(start < cache.k.shape[1])
+        return torch.ops.layerskip.decoder_layer(
+            x, cos, sin, cache.k, cache.v, start, self.attn_norm.weight, *linear_args(self.qkv), *linear_args(self.o),
+            self.mlp_norm.weight, *linear_args(self.gate_up), *linear_args(self.down), self.n_heads,
+            float(self.attn_norm.eps))
+
+
+def fuse_layers(model: nn.Module) -> int:
+    """Every layer of a linear_q4 .pte with --pte-attention row_sdpa whose linears were joined (FusedDecoderLayer.fits)
+    becomes a FusedDecoderLayer, in place; returns how many."""
+    define_op()
+    fused = 0
+    for i, layer in enumerate(model.layers):
+        if FusedDecoderLayer.fits(layer):
+            model.layers[i] = FusedDecoderLayer(layer)
+            fused += 1
+    return fused

@@ -1,0 +1,160 @@
+// layerskip::decoder_layer.out -- one Llama decoder layer of a linear_q4 .pte in one call:
+//   h = x + o(attend(rope(q), rope(k) and v written to the caches)),  q | k | v = qkv(rms_norm(x))
+//   out = h + down(silu(g) * u),  g | u = gate_up(rms_norm(h))
+// with the layer's linears through linear_q4 (q/k/v and gate/up joined, quant/linear_q4.py: join_projections) and its
+// attention through row_sdpa's. The layer was 5 XNNPACK delegate calls (norms, rotary, SiLU, residual adds) around 4
+// linear_q4 calls, a row_sdpa call, 2 cache writes and 2 splits; each call costs a few microseconds whatever its
+// size, and the shipped model's layer computes in ~16 us a row (README, "Latest").
+//
+// Every step works on one row at a time in a fixed order (the linears and the attention keep a row's bits whatever the
+// number of rows in the call), so a row has the same bits in a d+1-row verify as decoded alone, as with the ops one by
+// one. The torch reference is export/fused_layer.py: decoder_layer.
+//
+// x: [1, T, dim]; cos, sin: [T, D]; k_cache, v_cache: [1, S, H_kv, D] (rows start_pos .. start_pos + T - 1 written
+// here); norms [dim]; each linear as linear_q4 takes it (weight, scales, weight_sums): qkv dim -> (H + 2 H_kv) D,
+// o H D -> dim, gate_up dim -> 2 I, down I -> dim; out: [1, T, dim]. fp32.
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "et_kernels.h"
+#include "row_attention.h"
+
+namespace layerskip {
+
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::KernelRuntimeContext;
+
+namespace {
+
+// y = w * (x * (1 / sqrt(mean(x^2) + eps))), row by row; the squares summed in 8 strided sums, then in order.
+void rms_norm(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* y) {
+  for (int64_t r = 0; r < rows; ++r, x += dim, y += dim) {
+    float part[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8)
+      for (int j = 0; j < 8; ++j) part[j] += x[i + j] * x[i + j];
+    float sum = 0.f;
+    for (int j = 0; j < 8; ++j) sum += part[j];
+    for (; i < dim; ++i) sum += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
+    for (i = 0; i < dim; ++i) y[i] = w[i] * (x[i] * inv);
+  }
+}
+
+// x * cos + rotate_half(x) * sin in place for `heads` heads of d at p (HF's halves layout: rotate_half = [-x2, x1]).
+void rope(float* p, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t head = 0; head < heads; ++head, p += d)
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = p[i], b = p[i + half];
+      p[i] = a * cos[i] + (-b) * sin[i];
+      p[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+// act = silu(g) * u for one row: g, u of `width` at gu, gu + width. silu(g) = g * sigmoid(g), sigmoid from
+// e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, e / (1 + e) below; the numerator is max(e, min(max(g * 2^100, 0), 1)),
+// which is 1 for g >= 2^-100 and e below (e rounds to 1 for |g| < 2^-25, where both numerators agree).
+void silu_mul(const float* gu, int64_t width, float* act) {
+  const float* u = gu + width;
+  int64_t i = 0;
+#ifdef ROW_SDPA_AVX2
+#ifdef ROW_SDPA_AVX512
+  using L = Lanes16;
+#else
+  using L = Lanes8;
+#endif
+  using V = typename L::V;
+  const V zero = L::zero(), one = L::set1(1.0f), big = L::set1(0x1p100f);
+  for (; i + L::N <= width; i += L::N) {
+    const V g = L::loadu(gu + i);
+    const V e = exp_nonpositive<L>(L::sub(zero, L::max(g, L::sub(zero, g))));
+    const V numerator = L::max(e, L::min(L::max(L::mul(g, big), zero), one));
+    L::storeu(act + i, L::mul(L::mul(g, L::div(numerator, L::add(one, e))), L::loadu(u + i)));
+  }
+#endif
+  for (; i < width; ++i) act[i] = gu[i] / (1.0f + std::exp(-gu[i])) * u[i];
+}
+
+struct Linear {
+  const Tensor& weight;
+  const Tensor& scales;
+  const Tensor& sums;
+  int64_t out() const { return scales.size(1); }
+};
+
+}  // namespace
+
+Tensor& decoder_layer_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, const Tensor& sin,
+                          Tensor& k_cache, Tensor& v_cache, int64_t start_pos, const Tensor& attn_norm,
+                          const Tensor& qkv_weight, const Tensor& qkv_scales, const Tensor& qkv_sums,
+                          const Tensor& o_weight, const Tensor& o_scales, const Tensor& o_sums, const Tensor& mlp_norm,
+                          const Tensor& gate_up_weight, const Tensor& gate_up_scales, const Tensor& gate_up_sums,
+                          const Tensor& down_weight, const Tensor& down_scales, const Tensor& down_sums,
+                          int64_t n_heads, double eps, Tensor& out) {
+  const Linear qkv{qkv_weight, qkv_scales, qkv_sums}, o{o_weight, o_scales, o_sums};
+  const Linear gate_up{gate_up_weight, gate_up_scales, gate_up_sums}, down{down_weight, down_scales, down_sums};
+  ET_KERNEL_CHECK_MSG(ctx, x.dim() == 3 && x.size(0) == 1 && k_cache.dim() == 4 && v_cache.dim() == 4 &&
+                      cos.dim() == 2 && sin.dim() == 2 && x.scalar_type() == ScalarType::Float &&
+                      k_cache.scalar_type() == ScalarType::Float && v_cache.scalar_type() == ScalarType::Float &&
+                      cos.scalar_type() == ScalarType::Float && sin.scalar_type() == ScalarType::Float &&
+                      attn_norm.scalar_type() == ScalarType::Float && mlp_norm.scalar_type() == ScalarType::Float,
+                      InvalidArgument, out, "decoder_layer: x [1, T, dim], cos/sin [T, D], caches [1, S, H_kv, D], fp32");
+  const int64_t t = x.size(1), dim = x.size(2), s = k_cache.size(1), h_kv = k_cache.size(2), d = k_cache.size(3);
+  const int64_t h = n_heads, width = gate_up.out() / 2, q_width = h * d, kv_width = h_kv * d;
+  ET_KERNEL_CHECK_MSG(ctx, h > 0 && h % h_kv == 0 && d % 2 == 0 && start_pos >= 0 && start_pos + t <= s &&
+                      v_cache.size(1) == s && v_cache.size(2) == h_kv && v_cache.size(3) == d &&
+                      cos.size(0) == t && cos.size(1) == d && sin.size(0) == t && sin.size(1) == d &&
+                      attn_norm.numel() == dim && mlp_norm.numel() == dim, InvalidArgument, out,
+                      "decoder_layer: caches, rotary tables or norms do not match x, or start_pos out of range");
+  ET_KERNEL_CHECK_MSG(ctx, linear_q4_fits(qkv.weight, qkv.scales, qkv.sums, dim) &&
+                      qkv.out() == q_width + 2 * kv_width && linear_q4_fits(o.weight, o.scales, o.sums, q_width) &&
+                      o.out() == dim && linear_q4_fits(gate_up.weight, gate_up.scales, gate_up.sums, dim) &&
+                      gate_up.out() % 2 == 0 && linear_q4_fits(down.weight, down.scales, down.sums, width) &&
+                      down.out() == dim, InvalidArgument, out, "decoder_layer: the linears' shapes do not match");
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == executorch::runtime::Error::Ok,
+                  InvalidArgument, out);
+
+  thread_local std::vector<float> normed, qkv_rows, attended, gate_up_rows, act, delta;
+  normed.resize(t * dim);
+  qkv_rows.resize(t * qkv.out());
+  attended.resize(t * q_width);
+  gate_up_rows.resize(t * gate_up.out());
+  act.resize(t * width);
+  delta.resize(t * dim);
+  const float* xp = x.const_data_ptr<float>();
+  float* y = out.mutable_data_ptr<float>();
+  float* kp = k_cache.mutable_data_ptr<float>();
+  float* vp = v_cache.mutable_data_ptr<float>();
+  const float norm_eps = static_cast<float>(eps);
+
+  // attention: q | k | v rows, rotary on q and k, k and v into the caches at their positions
+  rms_norm(xp, attn_norm.const_data_ptr<float>(), t, dim, norm_eps, normed.data());
+  linear_q4_rows(normed.data(), t, dim, qkv.weight, qkv.scales, qkv.sums, qkv_rows.data());
+  for (int64_t r = 0; r < t; ++r) {
+    float* row = qkv_rows.data() + r * qkv.out();
+    rope(row, h + h_kv, d, cos.const_data_ptr<float>() + r * d, sin.const_data_ptr<float>() + r * d);
+    std::memcpy(kp + (start_pos + r) * kv_width, row + q_width, kv_width * sizeof(float));
+    std::memcpy(vp + (start_pos + r) * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
+  }
+  attend_rows(qkv_rows.data(), qkv.out(), t, h, d, kp, vp, s, h_kv, start_pos, attended.data());
+  linear_q4_rows(attended.data(), t, q_width, o.weight, o.scales, o.sums, delta.data());
+  for (int64_t i = 0; i < t * dim; ++i) y[i] = xp[i] + delta[i];
+
+  // MLP
+  rms_norm(y, mlp_norm.const_data_ptr<float>(), t, dim, norm_eps, normed.data());
+  linear_q4_rows(normed.data(), t, dim, gate_up.weight, gate_up.scales, gate_up.sums, gate_up_rows.data());
+  for (int64_t r = 0; r < t; ++r) silu_mul(gate_up_rows.data() + r * 2 * width, width, act.data() + r * width);
+  linear_q4_rows(act.data(), t, width, down.weight, down.scales, down.sums, delta.data());
+  for (int64_t i = 0; i < t * dim; ++i) y[i] += delta[i];
+  return out;
+}
+
+}  // namespace layerskip
+
+EXECUTORCH_LIBRARY(layerskip, "decoder_layer.out", layerskip::decoder_layer_out);
