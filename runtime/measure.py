@@ -173,7 +173,7 @@ def first_divergences(backend, prompts: list[list[int]], spec_tokens: list[list[
     replayed through the same calls (prefill, then one draft + one 1-token verify per token): `gap` is
     the logit of plain decoding's token minus that of the token self-speculation emitted, `top` the
     former. Where fp32 artifacts agree and int4 ones part by a fraction of a logit, the multi-row
-    verify rounded differently from 1-row calls and int8 activations amplified it (README, "Fifteen sessions ago")."""
+    verify rounded differently from 1-row calls and int8 activations amplified it (README, "Sixteen sessions ago")."""
     out = []
     for n, (ids, spec, ar) in enumerate(zip(prompts, spec_tokens, ar_tokens)):
         i = next((k for k, (a, b) in enumerate(zip(spec, ar)) if a != b), None)

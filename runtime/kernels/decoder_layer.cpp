@@ -10,8 +10,9 @@
 // number of rows in the call), so a row has the same bits in a d+1-row verify as decoded alone, as with the ops one by
 // one. The torch reference is export/fused_layer.py: decoder_layer.
 //
-// x: [1, T, dim]; cos, sin: [T, D]; k_cache, v_cache: [1, S, H_kv, D] (rows start_pos .. start_pos + T - 1 written
-// here); norms [dim]; each linear as linear_q4 takes it (weight, scales, weight_sums): qkv dim -> (H + 2 H_kv) D,
+// x: [1, T, dim] at positions [T] (start_pos = positions[0], then consecutive); rope_cos, rope_sin: [S', D/2] (row p: the
+// cos / sin of the rotary's D/2 angles at position p, S' >= S); k_cache, v_cache: [1, S, H_kv, D] (rows start_pos .. start_pos + T - 1
+// written here); norms [dim]; each linear as linear_q4 takes it (weight, scales, weight_sums): qkv dim -> (H + 2 H_kv) D,
 // o H D -> dim, gate_up dim -> 2 I, down I -> dim; out: [1, T, dim]. fp32.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
@@ -46,14 +47,15 @@ void rms_norm(const float* x, const float* w, int64_t rows, int64_t dim, float e
   }
 }
 
-// x * cos + rotate_half(x) * sin in place for `heads` heads of d at p (HF's halves layout: rotate_half = [-x2, x1]).
+// x * cos + rotate_half(x) * sin in place for `heads` heads of d at p (HF's halves layout: rotate_half = [-x2, x1], and
+// both halves turn by the same d/2 angles, whose cos and sin are cos[0 .. d/2), sin[0 .. d/2)).
 void rope(float* p, int64_t heads, int64_t d, const float* cos, const float* sin) {
   const int64_t half = d / 2;
   for (int64_t head = 0; head < heads; ++head, p += d)
     for (int64_t i = 0; i < half; ++i) {
       const float a = p[i], b = p[i + half];
       p[i] = a * cos[i] + (-b) * sin[i];
-      p[i + half] = b * cos[i + half] + a * sin[i + half];
+      p[i + half] = b * cos[i] + a * sin[i];
     }
 }
 
@@ -90,8 +92,8 @@ struct Linear {
 
 }  // namespace
 
-Tensor& decoder_layer_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, const Tensor& sin,
-                          Tensor& k_cache, Tensor& v_cache, int64_t start_pos, const Tensor& attn_norm,
+Tensor& decoder_layer_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& positions, const Tensor& rope_cos,
+                          const Tensor& rope_sin, Tensor& k_cache, Tensor& v_cache, const Tensor& attn_norm,
                           const Tensor& qkv_weight, const Tensor& qkv_scales, const Tensor& qkv_sums,
                           const Tensor& o_weight, const Tensor& o_scales, const Tensor& o_sums, const Tensor& mlp_norm,
                           const Tensor& gate_up_weight, const Tensor& gate_up_scales, const Tensor& gate_up_sums,
@@ -100,18 +102,21 @@ Tensor& decoder_layer_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   const Linear qkv{qkv_weight, qkv_scales, qkv_sums}, o{o_weight, o_scales, o_sums};
   const Linear gate_up{gate_up_weight, gate_up_scales, gate_up_sums}, down{down_weight, down_scales, down_sums};
   ET_KERNEL_CHECK_MSG(ctx, x.dim() == 3 && x.size(0) == 1 && k_cache.dim() == 4 && v_cache.dim() == 4 &&
-                      cos.dim() == 2 && sin.dim() == 2 && x.scalar_type() == ScalarType::Float &&
+                      rope_cos.dim() == 2 && rope_sin.dim() == 2 && positions.numel() >= 1 &&
+                      positions.scalar_type() == ScalarType::Long && x.scalar_type() == ScalarType::Float &&
                       k_cache.scalar_type() == ScalarType::Float && v_cache.scalar_type() == ScalarType::Float &&
-                      cos.scalar_type() == ScalarType::Float && sin.scalar_type() == ScalarType::Float &&
+                      rope_cos.scalar_type() == ScalarType::Float && rope_sin.scalar_type() == ScalarType::Float &&
                       attn_norm.scalar_type() == ScalarType::Float && mlp_norm.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out, "decoder_layer: x [1, T, dim], cos/sin [T, D], caches [1, S, H_kv, D], fp32");
+                      InvalidArgument, out,
+                      "decoder_layer: x [1, T, dim], positions int64, rotary tables [S, D/2], caches [1, S, H_kv, D], fp32");
   const int64_t t = x.size(1), dim = x.size(2), s = k_cache.size(1), h_kv = k_cache.size(2), d = k_cache.size(3);
   const int64_t h = n_heads, width = gate_up.out() / 2, q_width = h * d, kv_width = h_kv * d;
+  const int64_t start_pos = positions.const_data_ptr<int64_t>()[0];  // rows are at start_pos .. start_pos + T - 1
   ET_KERNEL_CHECK_MSG(ctx, h > 0 && h % h_kv == 0 && d % 2 == 0 && start_pos >= 0 && start_pos + t <= s &&
                       v_cache.size(1) == s && v_cache.size(2) == h_kv && v_cache.size(3) == d &&
-                      cos.size(0) == t && cos.size(1) == d && sin.size(0) == t && sin.size(1) == d &&
-                      attn_norm.numel() == dim && mlp_norm.numel() == dim, InvalidArgument, out,
-                      "decoder_layer: caches, rotary tables or norms do not match x, or start_pos out of range");
+                      rope_cos.size(0) >= s && rope_cos.size(1) == d / 2 && rope_sin.size(0) >= s &&
+                      rope_sin.size(1) == d / 2 && attn_norm.numel() == dim && mlp_norm.numel() == dim, InvalidArgument,
+                      out, "decoder_layer: caches, rotary tables or norms do not match x, or a position out of range");
   ET_KERNEL_CHECK_MSG(ctx, linear_q4_fits(qkv.weight, qkv.scales, qkv.sums, dim) &&
                       qkv.out() == q_width + 2 * kv_width && linear_q4_fits(o.weight, o.scales, o.sums, q_width) &&
                       o.out() == dim && linear_q4_fits(gate_up.weight, gate_up.scales, gate_up.sums, dim) &&
@@ -138,7 +143,8 @@ Tensor& decoder_layer_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   linear_q4_rows(normed.data(), t, dim, qkv.weight, qkv.scales, qkv.sums, qkv_rows.data());
   for (int64_t r = 0; r < t; ++r) {
     float* row = qkv_rows.data() + r * qkv.out();
-    rope(row, h + h_kv, d, cos.const_data_ptr<float>() + r * d, sin.const_data_ptr<float>() + r * d);
+    rope(row, h + h_kv, d, rope_cos.const_data_ptr<float>() + (start_pos + r) * (d / 2),
+         rope_sin.const_data_ptr<float>() + (start_pos + r) * (d / 2));
     std::memcpy(kp + (start_pos + r) * kv_width, row + q_width, kv_width * sizeof(float));
     std::memcpy(vp + (start_pos + r) * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
   }
@@ -155,6 +161,20 @@ Tensor& decoder_layer_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   return out;
 }
 
+// layerskip::rms_norm.out: the final norm of such a .pte (the exit's and the last layer's), as the layer's norms.
+Tensor& rms_norm_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float &&
+                      x.dim() >= 1 && weight.numel() == x.size(x.dim() - 1), InvalidArgument, out,
+                      "rms_norm: x [..., dim] and weight [dim], fp32");
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == executorch::runtime::Error::Ok,
+                  InvalidArgument, out);
+  const int64_t dim = weight.numel();
+  rms_norm(x.const_data_ptr<float>(), weight.const_data_ptr<float>(), x.numel() / std::max<int64_t>(dim, 1), dim,
+           static_cast<float>(eps), out.mutable_data_ptr<float>());
+  return out;
+}
+
 }  // namespace layerskip
 
 EXECUTORCH_LIBRARY(layerskip, "decoder_layer.out", layerskip::decoder_layer_out);
+EXECUTORCH_LIBRARY(layerskip, "rms_norm.out", layerskip::rms_norm_out);
