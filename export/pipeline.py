@@ -259,6 +259,15 @@ def untrained_for_lookup(ckpt, cfg: ExportConfig) -> dict:
     return chosen
 
 
+def lookup_defaults(recommended: dict, target: str) -> dict[str, int]:
+    """The K of --lookup and of its runs (--lookup-run) that the checkpoint's layerskip.json records for a target beside
+    exact lookup ("with_lookup": {"lookup": {"pte": K}, "lookup_run": {"pte": R}}), as the manifest's facts, which the
+    runtime takes as its defaults; {} where it records none (the runtime's own defaults: decoding.DEFAULT_LOOKUP and
+    LOOKUP_RUN)."""
+    with_lookup = recommended.get("with_lookup", {})
+    return {key: int(with_lookup[key][target]) for key in ("lookup", "lookup_run") if target in with_lookup.get(key, {})}
+
+
 def resolve(cfg: ExportConfig) -> Resolved:
     ckpt = read_checkpoint(cfg.model)
     untrained = untrained_for_lookup(ckpt, cfg) if cfg.for_lookup and "exit_layer" not in ckpt.recommended else {}

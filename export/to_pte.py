@@ -541,7 +541,7 @@ def save(program, path: Path) -> None:
 
 def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     """All stages after load, writing directory/model.pte; returns the manifest (sizes filled in later)."""
-    from export.pipeline import base_manifest
+    from export.pipeline import base_manifest, lookup_defaults
     from quant.torchao_schemes import quantize_model, resolve_scheme
 
     scheme = resolve_scheme(cfg.quant)
@@ -569,6 +569,7 @@ def export_pte(cfg, r, model: Transformer, directory: Path, stages):
     return base_manifest(cfg, r, model, format="pte", files={"program": "model.pte"}, file_sizes={},
                          methods=methods, quant=scheme, backend=backend,
                          extra={"attention": cfg.pte_attention, "linear": linear,
+                                **(lookup_defaults(r.ckpt.recommended, "pte") if cfg.exact_lookup else {}),
                                 **({"key_mask_methods": list(model.key_mask_methods)} if model.key_mask is not None
                                    else {})})
 

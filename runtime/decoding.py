@@ -413,7 +413,9 @@ def step_policy(backend, cfg: GenerationConfig) -> dict:
             raise UserError(f"{flag} {k} drafts need {k + 1} rows in one call, but this artifact takes at most "
                             f"{most + 1}; use {flag} {most} or fewer.")
     # K where the match reaches back lookup_run_match tokens (a backend's default is cut to what fits)
-    run_k = min(LOOKUP_RUN.get(backend.name, 0), most) if cfg.lookup_run is None else cfg.lookup_run
+    recorded_run = getattr(backend, "lookup_run", None)  # the artifact's, where its checkpoint records one
+    run_k = (min(recorded_run if recorded_run is not None else LOOKUP_RUN.get(backend.name, 0), most)
+             if cfg.lookup_run is None else cfg.lookup_run)
     unmatched = cfg.unmatched_step or default_unmatched_step(backend)
     # exit guesses draft the steps that match nothing: none by default where those are plain steps
     guesses = ((default_exit_guesses(backend) if unmatched == "exit" else 0) if cfg.exit_guesses is None

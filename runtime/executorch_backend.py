@@ -58,6 +58,8 @@ class ExecuTorchBackend:
         self.has_draft_verify = "draft_verify" in manifest.methods
         self.has_forward = "forward" in manifest.methods
         self.fused_draft_length = manifest.num_speculations if fused else None
+        # --lookup's K and its runs' K measured best for this model (export/pipeline.py: lookup_defaults), or None
+        self.default_lookup, self.lookup_run = manifest.extra.get("lookup"), manifest.extra.get("lookup_run")
         # Methods are loaded when first called; `preload` (default: the self-speculative ones, with forward where
         # steps of --lookup that match nothing call it: decoding.default_unmatched_step) up front, so that loading is
         # not timed as decoding. With XNNPACK's weight cache (load_program) a method packs only weights no method

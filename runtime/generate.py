@@ -81,11 +81,13 @@ def parse_args(argv=None):
                         "lookup): one prefix call for all of them; greedy output equal to plain decoding by "
                         "construction on artifacts exported with --pad-drafts (.onnx) or --pte-attention "
                         f"row_sdpa or row_invariant_drafts (.pte), as measured elsewhere (README); 0: off. Default: "
+                        f"the K the checkpoint's layerskip.json records for the artifact (both shipped models' .pte: 2), else "
                         f"{DEFAULT_LOOKUP} on those artifacts, else off")
     p.add_argument("--lookup-run", type=int, metavar="K",
                    help="with --lookup: draft up to K tokens where the match reaches back further (a repeating run: "
-                        f"{RUN_MATCH} tokens or more). Default: {LOOKUP_RUN['executorch']} on .pte "
-                        "artifacts (XNNPACK's calls grow slowly with rows), else the --lookup K")
+                        f"{RUN_MATCH} tokens or more). Default: the K the checkpoint records (both shipped models' .pte: 6), "
+                        f"else {LOOKUP_RUN['executorch']} on .pte artifacts (XNNPACK's calls grow slowly with rows), "
+                        "else the --lookup K")
     p.add_argument("--lookup-fallback", type=int, metavar="K",
                    help="with --lookup: where the last 2 tokens never occurred before but the last token did, draft "
                         "up to K tokens that followed it (0: draft from the exit there). Default: 1 on .onnx "
@@ -120,10 +122,12 @@ def parse_args(argv=None):
 
 
 def lookup_drafts_per_step(requested: Optional[int], opened: Opened) -> int:
-    """--lookup K as given; else DEFAULT_LOOKUP on artifacts exact for it (their exporter asked for it), else 0."""
+    """--lookup K as given; else, on artifacts exact for it (their exporter asked for it), the K their checkpoint
+    records (export/pipeline.py: lookup_defaults), or DEFAULT_LOOKUP; else 0."""
     if requested is not None:
         return requested
-    return DEFAULT_LOOKUP if opened.facts.get("exact_lookup") else 0
+    recorded = getattr(opened.backend, "default_lookup", None)
+    return (recorded or DEFAULT_LOOKUP) if opened.facts.get("exact_lookup") else 0
 
 
 def read_prompt(args) -> str:

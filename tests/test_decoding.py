@@ -113,6 +113,43 @@ def test_a_lookup_whose_match_reaches_back_further_drafts_up_to_lookup_run(model
         generate(backend, PROMPT, GenerationConfig(max_new_tokens=4, lookup=3, lookup_run=256))
 
 
+def test_the_lookup_k_a_checkpoint_records_is_the_artifacts_default(model, autoregressive_tokens, monkeypatch):
+    """layerskip.json may record --lookup's K and its runs' K for a target ("with_lookup": both shipped models' .pte,
+    measured best there): the export writes them into the manifest (export/pipeline.py: lookup_defaults), and the
+    runtime takes them where no K is given, before its own defaults; a K given stands."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from export.pipeline import lookup_defaults
+    from runtime.generate import lookup_drafts_per_step
+
+    shipped = json.loads((Path(__file__).parents[1] / "models" / "default" / "layerskip.json").read_text())
+    assert lookup_defaults(shipped, "pte") == {"lookup": 2, "lookup_run": 6}
+    assert lookup_defaults(shipped, "onnx") == {} and lookup_defaults({}, "pte") == {}
+    backend = EagerBackend(model, 2, 256)
+    backend.default_lookup, backend.lookup_run = 2, 6  # as ExecuTorchBackend reads them from the manifest
+    exact = SimpleNamespace(backend=backend, facts={"exact_lookup": True})
+    assert lookup_drafts_per_step(None, exact) == 2 and lookup_drafts_per_step(7, exact) == 7
+    assert lookup_drafts_per_step(None, SimpleNamespace(backend=backend, facts={})) == 0
+    backend.default_lookup = None
+    assert lookup_drafts_per_step(None, exact) == decoding.DEFAULT_LOOKUP
+    asked = []
+    real = decoding.lookup_drafts
+
+    def recorded(context, *args):
+        asked.append(args)
+        return real(context, *args)
+
+    monkeypatch.setattr(decoding, "lookup_drafts", recorded)
+    result = generate(backend, PROMPT, GenerationConfig(max_new_tokens=40, lookup=2))
+    assert result.tokens == autoregressive_tokens[:len(result.tokens)]
+    assert {a[2] for a in asked} == {6}  # the recorded K of a run
+    asked.clear()
+    generate(backend, PROMPT, GenerationConfig(max_new_tokens=20, lookup=2, lookup_run=4))
+    assert {a[2] for a in asked} == {4}
+
+
 def test_a_step_without_a_2_token_match_drafts_after_a_1_token_match(model, autoregressive_tokens, monkeypatch):
     """lookup_fallback K: where the last 2 tokens never occurred before but the last one did, the step drafts
     up to K tokens that followed it (kind "lookup_1", one call); steps with neither draft from the exit. Greedy

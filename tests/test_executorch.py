@@ -259,6 +259,7 @@ def test_linear_q4_matches_torchao_and_gives_a_row_the_bits_of_a_one_token_call(
     for method, count in (("draft", exit_layer), ("verify", layers - exit_layer), ("forward", layers)):
         calls = instructions(m.path("program"), method)  # a layer is one call (export/fused_layer.py), then the head
         assert calls["layerskip::decoder_layer"] == count and calls["layerskip::linear_q4"] == 1, method
+        assert calls["layerskip::rms_norm"] == 1 and "DELEGATE" not in calls, method  # the final norm is ours too
         assert "layerskip::row_sdpa" not in calls and "llama::update_cache" not in calls, method
 
 
