@@ -81,6 +81,19 @@ def test_greedy_with_looked_up_drafts_equals_autoregressive(model, autoregressiv
     assert 0 < sum(s.step_time_s.values()) <= s.decode_time_s
 
 
+def record_lookups(monkeypatch) -> list:
+    """The arguments after the context of every decoding.lookup_drafts call from now on (K, n, K of a run, its match)."""
+    asked = []
+    real = decoding.lookup_drafts
+
+    def recorded(context, *args):
+        asked.append(args)
+        return real(context, *args)
+
+    monkeypatch.setattr(decoding, "lookup_drafts", recorded)
+    return asked
+
+
 def test_a_lookup_whose_match_reaches_back_further_drafts_up_to_lookup_run(model, autoregressive_tokens,
                                                                           monkeypatch):
     """Where the latest earlier occurrence of the last 2 tokens also matches the lookup_run_match tokens before
@@ -92,14 +105,7 @@ def test_a_lookup_whose_match_reaches_back_further_drafts_up_to_lookup_run(model
     assert decoding.lookup_drafts(context, 2, 2, 4, 6) == [7, 8]  # not 6: [1] before it, [8] at the tail
     assert decoding.lookup_drafts(context, 2, 2, 4, 2) == [7, 8, 2, 3]  # a 2-token match is run enough at 2
     assert decoding.lookup_drafts(context, 2, 2) == [7, 8]
-    asked = []
-    real = decoding.lookup_drafts
-
-    def recorded(context, *args):
-        asked.append(args)
-        return real(context, *args)
-
-    monkeypatch.setattr(decoding, "lookup_drafts", recorded)
+    asked = record_lookups(monkeypatch)
     backend = EagerBackend(model, 2, 256)
     cfg = GenerationConfig(max_new_tokens=150, num_speculations=3, lookup=3, lookup_run=7, lookup_run_match=3)
     result = generate(backend, PROMPT, cfg)
@@ -134,14 +140,7 @@ def test_the_lookup_k_a_checkpoint_records_is_the_artifacts_default(model, autor
     assert lookup_drafts_per_step(None, SimpleNamespace(backend=backend, facts={})) == 0
     backend.default_lookup = None
     assert lookup_drafts_per_step(None, exact) == decoding.DEFAULT_LOOKUP
-    asked = []
-    real = decoding.lookup_drafts
-
-    def recorded(context, *args):
-        asked.append(args)
-        return real(context, *args)
-
-    monkeypatch.setattr(decoding, "lookup_drafts", recorded)
+    asked = record_lookups(monkeypatch)
     result = generate(backend, PROMPT, GenerationConfig(max_new_tokens=40, lookup=2))
     assert result.tokens == autoregressive_tokens[:len(result.tokens)]
     assert {a[2] for a in asked} == {6}  # the recorded K of a run
