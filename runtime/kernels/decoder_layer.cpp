@@ -112,7 +112,7 @@ Tensor& decoder_layer_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   const int64_t t = x.size(1), dim = x.size(2), s = k_cache.size(1), h_kv = k_cache.size(2), d = k_cache.size(3);
   const int64_t h = n_heads, width = gate_up.out() / 2, q_width = h * d, kv_width = h_kv * d;
   const int64_t start_pos = positions.const_data_ptr<int64_t>()[0];  // rows are at start_pos .. start_pos + T - 1
-  ET_KERNEL_CHECK_MSG(ctx, h > 0 && h % h_kv == 0 && d % 2 == 0 && start_pos >= 0 && start_pos + t <= s &&
+  ET_KERNEL_CHECK_MSG(ctx, h > 0 && h_kv > 0 && h % h_kv == 0 && d % 2 == 0 && start_pos >= 0 && start_pos + t <= s &&
                       v_cache.size(1) == s && v_cache.size(2) == h_kv && v_cache.size(3) == d &&
                       rope_cos.size(0) >= s && rope_cos.size(1) == d / 2 && rope_sin.size(0) >= s &&
                       rope_sin.size(1) == d / 2 && attn_norm.numel() == dim && mlp_norm.numel() == dim, InvalidArgument,
