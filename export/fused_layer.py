@@ -15,18 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.to_pte import row_sdpa
+from models.model import apply_rope
 from quant.linear_q4 import JoinedMLP, LinearQ4, linear_q4
 
 
 def rms_norm(x, weight, eps: float):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def rotary(x, cos, sin):
-    """x: [1, T, H, D]; cos, sin: [T, D] -> x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    cos, sin = cos[:, None], sin[:, None]  # [T, 1, D]
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 def decoder_layer(x, positions, rope_cos, rope_sin, k_cache, v_cache, attn_norm, qkv_weight, qkv_scales, qkv_sums,
@@ -36,13 +31,11 @@ def decoder_layer(x, positions, rope_cos, rope_sin, k_cache, v_cache, attn_norm,
     (consecutive) -> the layer's output [1, T, dim]; rope_cos, rope_sin: the cos and sin of the rotary's D/2 angles
     at every position [S, D/2] (both halves of a head turn by them); writes k and v rows into the caches
     [1, S, H_kv, D]."""
-    from export.to_pte import row_sdpa
-
     t, (h_kv, d), start = x.shape[1], k_cache.shape[2:], int(positions[0])
-    cos, sin = (table[start:start + t].repeat(1, 2) for table in (rope_cos, rope_sin))  # [T, D]
+    cos, sin = (table[start:start + t].repeat(1, 2)[:, None] for table in (rope_cos, rope_sin))  # [T, 1, D]
     q, k, v = linear_q4(rms_norm(x, attn_norm, eps), qkv_weight, qkv_scales, qkv_sums).split(
         [n_heads * d, h_kv * d, h_kv * d], -1)
-    q, k = rotary(q.view(1, t, n_heads, d), cos, sin), rotary(k.view(1, t, h_kv, d), cos, sin)
+    q, k = apply_rope(q.view(1, t, n_heads, d), cos, sin), apply_rope(k.view(1, t, h_kv, d), cos, sin)
     k_cache[:, start:start + t] = k
     v_cache[:, start:start + t] = v.view(1, t, h_kv, d)
     attended = row_sdpa(q, k_cache, v_cache, start).view(1, t, n_heads * d)
