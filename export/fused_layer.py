@@ -6,7 +6,7 @@ microseconds whatever its size, for ~15 us of arithmetic a row on the shipped mo
 each layer one call of our kernel, which runs the same linears and attention on the same caches (rows keep their
 bits), with the rotary's cos / sin read from tables of every position and the final norm one kernel call too: a
 method of the shipped model is 17 instructions, no delegate call (was 139, 42 of them delegate calls); its 1-row full
-call 263 -> 178 us (README, "Latest").
+call 263 -> 178 us (README, "Previous session").
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ DEFAULT_METHODS = ("draft", "verify", "forward")
 # position 200: 551.7 vs 585.5 us on the .pte). It holds every layer, so its weights are in memory once more
 # (XNNPACK packs each method's, each ONNX Runtime session holds its own): only for models small enough that
 # a call's fixed cost matters and a second copy of the weights is cheap (SmolLM2-135M: -1.2% per 6-row call,
-# +64 MB peak RSS; README, "Ten sessions ago").
+# +64 MB peak RSS; README, "Eleven sessions ago").
 LOOKUP_METHOD = "draft_verify"
 LOOKUP_METHOD_MAX_PARAMETERS = 50_000_000
 # draft_greedy is opt-in (export.py --fused-draft): on XNNPACK here it is no faster than d draft calls

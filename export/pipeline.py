@@ -35,7 +35,7 @@ PTE_ATTENTION = ("row_invariant", "row_invariant_drafts", "row_sdpa", "custom_sd
 PTE_LINEAR = ("xnnpack", "linear_q4")  # the .pte's 4-bit linears: XNNPACK's, or ours (quant/linear_q4.py)
 # Where --pte-linear is not given, 8da4w models above this size get linear_q4: on the Llama-3.2-1B shape (groups of
 # 32) it predicts 1.16-1.59x at acceptance 0.8 against XNNPACK's 0.90-1.16x, its plain decoding as fast or faster
-# (README, "Four sessions ago"); models that fit the caches keep XNNPACK's kernels, unless their layerskip.json records
+# (README, "Five sessions ago"); models that fit the caches keep XNNPACK's kernels, unless their layerskip.json records
 # the kernel measured faster for them ("pte_linear"): both shipped models record linear_q4, whose layers are one call
 # each (export/fused_layer.py): with lookup 6033.3 vs 5415.5 tok/s (shipped, against its joined linears' graph) and
 # 4854.5 vs 4276.5 (deep16, against XNNPACK's kernels), full-call plain decoding 24-26% faster
@@ -56,7 +56,7 @@ DEFAULT_GROUP_SIZE = {"pte": 32, "onnx": 128}
 # verifying (SmolLM2-135M: acceptance 0.01 at layer 8 of 30), so a step without a match in the context
 # decodes one token (tau 0.99), the exit at L/4 only splits the draft and verify calls, and at a large
 # vocabulary a draft head over 256 tokens keeps the exit's head out of each draft call (SmolLM2: 1.53 ->
-# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Eleven sessions ago").
+# 0.72 ms per .pte draft call). Measured through this flag: 1.53x / 1.42x its plain decoding (README, "Twelve sessions ago").
 FOR_LOOKUP_UNTRAINED = {"draft_threshold": 0.99, "draft_vocab": 256, "large_vocab": 16384}
 
 
@@ -156,7 +156,7 @@ class ExportConfig:
     def onnx_linear_for(self) -> str:
         """The .onnx linears: as given, else our layerskip.LinearQ4 at int4 (on the shipped model 1.25x vs 1.04x
         self-speculation over plain decoding through MatMulNBits, plain decoding itself 1.38x faster; README,
-        "Two sessions ago") and ONNX Runtime's MatMulNBits at int8 (our op computes 4 bits only)."""
+        "Three sessions ago") and ONNX Runtime's MatMulNBits at int8 (our op computes 4 bits only)."""
         from quant.onnx_schemes import resolve_onnx_scheme
 
         if self.onnx_linear is not None:

@@ -6,7 +6,7 @@ channel and group of G inputs, or per output channel), computed in integers per 
 its float steps, so it has the same bits whatever the number of rows in the call, and all rows of a call share one
 pass over the weights. On the Llama-3.2-1B shape a 5-row verify through XNNPACK's 4-bit GEMM costs 1.5-2.2x a 1-row
 call; through this kernel 1.1-1.4x at two threads, 1.7-2.1x at one (where 5 rows of dot products take about as long
-as reading the weights once). README, "Four sessions ago".
+as reading the weights once). README, "Five sessions ago".
 
 Weight layout ([N/16, K/8, 64] bytes): a block of 16 output channels x a chunk of 8 inputs per 64 bytes, byte 4i + j
 holding channel i's input j (low nibble) and 4 + j (high nibble), each as u = q + 8 in 0..15; blocks in groups of 4

@@ -156,6 +156,8 @@ def bench_one(label: str, opened: Opened, spec: dict, texts: list[str], cfg: Ben
     b = opened.backend
     record["layer_bound_speedup"] = measure.layer_bound_speedup(
         b.num_layers, b.exit_layer, m["spec"]["mean_drafts_per_step"], m["spec"]["mean_tokens_per_step"])
+    record["call_bound_speedup"] = measure.call_bound_speedup(
+        record["calls_ms"], m["spec"]["mean_drafts_per_step"], m["spec"]["mean_tokens_per_step"])
     print(f"[bench] {label}: spec {m['spec']['decode_tokens_per_s']:.1f} tok/s vs AR "
           f"{max(m[k]['decode_tokens_per_s'] for k in ('ar', 'ar_full') if k in m):.1f} -> {m.get('speedup', 0):.2f}x, "
           f"acceptance {m['spec']['acceptance_rate']:.2f}", file=sys.stderr, flush=True)
@@ -563,9 +565,10 @@ def markdown(results: dict) -> str:
              + without_torch_note(results["runs"])]
     if results["runs"]:
         lines += ["", "| artifact | size MB | held-out loss | AR tok/s (draft+verify) | AR tok/s (full call) | "
-                  "self-spec tok/s | speedup | layer bound | acceptance | tokens/step | TTFT ms | draft ms | "
-                  "verify d+1 ms | full ms | RSS AR full MB | RSS AR MB | RSS spec MB | RSS spec without torch MB |",
-                  "|" + "---|" * 18]
+                  "self-spec tok/s | speedup | layer bound | call bound | acceptance | tokens/step | TTFT ms | "
+                  "draft ms | verify d+1 ms | full ms | RSS AR full MB | RSS AR MB | RSS spec MB | "
+                  "RSS spec without torch MB |",
+                  "|" + "---|" * 19]
         for r in results["runs"]:
             m, c = r["modes"], r["calls_ms"]
             rss = r.get("peak_rss_mb") or {}
@@ -576,6 +579,7 @@ def markdown(results: dict) -> str:
                      f"{m['ar_full']['decode_tokens_per_s']:.1f}" if "ar_full" in m else "-",
                      f"{m['spec']['decode_tokens_per_s']:.1f}", f"**{m['speedup']:.2f}x**",
                      f"{r['layer_bound_speedup']:.2f}x",
+                     f"{r['call_bound_speedup']:.2f}x" if "call_bound_speedup" in r else "-",
                      f"{m['spec']['acceptance_rate']:.2f}", f"{m['spec']['mean_tokens_per_step']:.2f}",
                      f"{m['spec']['ttft_ms_median']:.1f}", f"{c['draft_1']:.3f}", f"{c[f'verify_{d + 1}']:.3f}",
                      f"{c['full_1']:.3f}" if "full_1" in c else "-",
@@ -632,7 +636,9 @@ def markdown(results: dict) -> str:
     if results["runs"] or "sweep" in results:
         lines.append("\nLayer bound: the speedup the measured tokens/step allow at best, if a call cost only the "
                      "layers it runs (no extra cost for d+1 tokens, free LM head and overheads); "
-                     "runtime/measure.py: layer_bound_speedup.")
+                     "runtime/measure.py: layer_bound_speedup. Call bound: the same step at this artifact's "
+                     "measured per-call costs (draft ms, verify ms by rows, full ms), as if nothing ran between "
+                     "calls; runtime/measure.py: call_bound_speedup.")
     return "\n".join(lines) + "\n"
 
 

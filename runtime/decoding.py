@@ -41,13 +41,13 @@ from runtime.backend import Backend, has_full_model
 
 
 # K of --lookup where it is on by default (artifacts exact for it): K = 5 decoded at least as fast as
-# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Twelve sessions ago").
+# K = 8 in every run measured, by 0-6% (shipped model and SmolLM2; README, "Thirteen sessions ago").
 DEFAULT_LOOKUP = 5
 # A lookup whose match reaches back RUN_MATCH tokens or more (the context repeats a longer stretch, a run)
 # drafts up to LOOKUP_RUN's K, by backend; elsewhere K itself. XNNPACK's multi-row calls grow slowly with rows:
 # on the exact .pte, +1-4% over the previous rule (12 after a lookup step whose drafts were all accepted) in three
 # paired probes of the shipped model, +2-3% deep16, +-0 SmolLM2-135M. ONNX Runtime's int4 calls grow by ~90 us a
-# row: K 13 at a match of 8 cost 2-3% there (README, "Eight sessions ago"; results/probe_lookup_runs.txt).
+# row: K 13 at a match of 8 cost 2-3% there (README, "Nine sessions ago"; results/probe_lookup_runs.txt).
 LOOKUP_RUN = {"executorch": 12}
 RUN_MATCH = 8
 
@@ -55,14 +55,14 @@ RUN_MATCH = 8
 def default_lookup_fallback(backend, exit_guesses: int = 0) -> int:
     """K of a step whose last 2 tokens have no earlier occurrence but its last token has (drafts after a 1-token match,
     right about half the time), where --lookup-fallback is not given. Measured against exit drafts there (README,
-    "Eight sessions ago"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the shipped model,
+    "Nine sessions ago"): ONNX Runtime 1, the padding row of an exact one-row call (+2.5-4% on the shipped model,
     deep16 and SmolLM2-135M; and beside plain unmatched steps on artifacts whose rows need no padding, 1.321x vs
-    1.265x and 1.670x vs 1.621x in 5 paired rounds, README "Two sessions ago"), but 0 where its exit steps guess (exit_guesses
+    1.265x and 1.670x vs 1.621x in 5 paired rounds, README "Three sessions ago"), but 0 where its exit steps guess (exit_guesses
     > 0: the exit's first draft is right more often than the 1-token match, at one unpadded draft call more; deep16
-    +2.7%, the shipped model even; README, "Seven sessions ago"); XNNPACK with the row_invariant_drafts attention 5
+    +2.7%, the shipped model even; README, "Eight sessions ago"); XNNPACK with the row_invariant_drafts attention 5
     where a lookup step is one call (draft_verify: +5% shipped, +-0 deep16; as two calls, SmolLM2, -4%), but 0 with
     row_sdpa, whose exact draft calls cost half as much (deep16 higher in 4 of 4 paired rounds at tau 0.3, 3 of 4 at
-    0.1; the shipped model even, 2 and 3 of 4; README, "Six sessions ago"); elsewhere 0."""
+    0.1; the shipped model even, 2 and 3 of 4; README, "Seven sessions ago"); elsewhere 0."""
     if backend.name.startswith("onnxruntime"):
         return 0 if exit_guesses else 1
     if backend.name == "executorch" and getattr(backend, "attention", "") != "row_sdpa":
@@ -86,10 +86,10 @@ def default_unmatched_step(backend) -> str:
     call through every layer, plain_call's) on a .pte whose every method attends through row_sdpa, where the
     full-model call has plain decoding's bits and, with XNNPACK's weight cache, reads the packed weights the other
     methods read: above exit steps in 11 of 12 paired rounds, 1.323x vs 1.262x plain decoding (the shipped model) and
-    1.630x vs 1.536x (deep16) in the medians (README, "Three sessions ago"); and on an .onnx artifact whose calls give
+    1.630x vs 1.536x (deep16) in the medians (README, "Four sessions ago"); and on an .onnx artifact whose calls give
     every row its bits unpadded (our attention and linear ops) and that has draft_verify: 1.336x vs 1.325x (shipped),
     1.423x vs 1.372x (deep16) in the medians of 5 paired rounds, where exit steps cost 335 / 530 us a token against
-    plain decoding's 254 / 417 (README, "Two sessions ago"); elsewhere "exit"."""
+    plain decoding's 254 / 417 (README, "Three sessions ago"); elsewhere "exit"."""
     if backend.name == "executorch" and getattr(backend, "attention", "") == "row_sdpa" \
             and getattr(backend, "has_forward", False):
         return "plain"

@@ -173,7 +173,7 @@ def first_divergences(backend, prompts: list[list[int]], spec_tokens: list[list[
     replayed through the same calls (prefill, then one draft + one 1-token verify per token): `gap` is
     the logit of plain decoding's token minus that of the token self-speculation emitted, `top` the
     former. Where fp32 artifacts agree and int4 ones part by a fraction of a logit, the multi-row
-    verify rounded differently from 1-row calls and int8 activations amplified it (README, "Sixteen sessions ago")."""
+    verify rounded differently from 1-row calls and int8 activations amplified it (README, "Seventeen sessions ago")."""
     out = []
     for n, (ids, spec, ar) in enumerate(zip(prompts, spec_tokens, ar_tokens)):
         i = next((k for k, (a, b) in enumerate(zip(spec, ar)) if a != b), None)
@@ -249,6 +249,19 @@ def layer_bound_speedup(num_layers: int, exit_layer: int, drafts_per_step: float
     plain decoding runs L layers per token. No runtime can beat this bound without a better model
     (higher acceptance at a lower E). drafts_per_step = d without a draft threshold."""
     return tokens_per_step * num_layers / ((drafts_per_step + 1) * exit_layer + num_layers - exit_layer)
+
+
+def call_bound_speedup(calls: dict, drafts_per_step: float, tokens_per_step: float) -> float:
+    """The layer bound's step at the artifact's own per-call costs (per_call_latency: medians at one position, nothing
+    between calls): (k+1) draft calls and a verify of k+1 rows (linear between the row counts measured) for
+    tokens_per_step tokens, against the cheaper plain call. What drafting from the exit reaches if the loop between
+    calls were free; its gap to the layer bound is what the calls cost beyond their layers' share (the LM head, each
+    call's fixed cost, rows that cost compute once the weights are read), its gap to the measured speedup what the
+    loop costs."""
+    measured = sorted((int(name.split("_")[1]), ms) for name, ms in calls.items() if name.startswith("verify_"))
+    verify = float(np.interp(drafts_per_step + 1, [rows for rows, _ in measured], [ms for _, ms in measured]))
+    plain = min(calls["ar_step_split"], calls.get("full_1", float("inf")))
+    return tokens_per_step * plain / ((drafts_per_step + 1) * calls["draft_1"] + verify)
 
 
 # ---------------------------------------------------------------- quality through the artifact

@@ -89,7 +89,7 @@ def test_row_invariant_drafts_give_a_row_the_bits_of_a_one_token_draft(row_invar
     """--pte-attention row_invariant_drafts: a multi-row draft (tokens looked up in the context) leaves each
     row's layer-E state and verify logits with the bits of 1-token drafts, so --lookup equals plain decoding
     by construction; the draft method attends without custom_sdpa. (On this tiny model custom_sdpa's draft
-    rows happen to agree too at these positions; on SmolLM2 they do not, README "Thirteen sessions ago".)"""
+    rows happen to agree too at these positions; on SmolLM2 they do not, README "Fourteen sessions ago".)"""
     backend = open_artifact(row_invariant_drafts_pte.directory).backend
     (rows, logits), (rows_alone, logits_alone) = drafts_together_and_alone(backend)
     assert np.array_equal(rows, rows_alone) and np.array_equal(logits, logits_alone)

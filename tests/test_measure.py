@@ -78,6 +78,17 @@ def test_layer_bound_counts_layer_passes_per_token():
     assert measure.layer_bound_speedup(8, 2, 3, 4.0) == pytest.approx(32 / 14)
 
 
+def test_call_bound_is_the_layer_bounds_step_at_measured_call_costs():
+    # calls that cost exactly their layers, whatever their rows: the layer bound (L=8, E=4, 2.5 drafts, 3 tokens)
+    by_layers = {"draft_1": 4.0, "verify_1": 4.0, "verify_4": 4.0, "verify_5": 4.0, "full_1": 8.0, "ar_step_split": 8.0}
+    assert measure.call_bound_speedup(by_layers, 2.5, 3.0) == pytest.approx(measure.layer_bound_speedup(8, 4, 2.5, 3.0))
+    # 3.5 verify rows, between the measured verify_2 (2.5) and verify_4 (4.0): 3.625; step = 3.5 draft calls of 1 +
+    # 3.625 = 7.125 for 3 tokens; plain is the cheaper of full (3) and split (3.5)
+    calls = {"draft_1": 1.0, "verify_1": 2.0, "verify_2": 2.5, "verify_4": 4.0, "verify_5": 5.0, "full_1": 3.0,
+             "ar_step_split": 3.5}
+    assert measure.call_bound_speedup(calls, 2.5, 3.0) == pytest.approx(3 * 3.0 / 7.125)
+
+
 def test_benchmark_rows_of_two_models_at_one_scheme_are_told_apart_by_path():
     from runtime.bench import label_by_path_where_alike
 

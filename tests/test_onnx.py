@@ -193,7 +193,7 @@ def test_draft_verify_runs_layer_e_norm_as_draft_and_verify_do(tmp_path):
     assert generate(opened.backend, ids, lookup).tokens == plain
 
 
-def row_attention_session(heads: int, kv_heads: int, head_dim: int, cache_rows: int, kind: str):
+def row_attention_session(heads: int, kv_heads: int, head_dim: int, cache_rows: int, kind: str, threads: int = 1):
     """A graph of one attention node as our graphs use it: com.microsoft GroupQueryAttention (gqa) or our
     layerskip.RowAttention (row), with the rotary caches of positions 0 .. cache_rows - 1."""
     import onnxruntime as ort
@@ -221,18 +221,21 @@ def row_attention_session(heads: int, kv_heads: int, head_dim: int, cache_rows: 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid("layerskip", 1)])
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = threads
     so.register_custom_ops_library(str(ort_ops_library()))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (4, 2, 32), (2, 1, 16)])
-def test_our_attention_op_computes_group_query_attention_with_rows_that_keep_their_bits(heads, kv_heads, head_dim):
+@pytest.mark.parametrize("heads, kv_heads, head_dim, cache_rows, pos", [(4, 4, 64, 96, 37), (4, 2, 32, 96, 37),
+                                                                       (2, 1, 16, 96, 37), (8, 2, 64, 512, 400)])
+def test_our_attention_op_computes_group_query_attention_with_rows_that_keep_their_bits(heads, kv_heads, head_dim,
+                                                                                      cache_rows, pos):
     """layerskip.RowAttention (--onnx-kv-cache row) against ONNX Runtime's GroupQueryAttention on the same inputs:
     outputs within 1e-5 and the caches written alike, in place; and a row of a 6-row call has the bits of that row
-    computed alone (GroupQueryAttention's do not: the check can fail). Vectorized (32, 64) and portable (16) paths."""
+    computed alone (GroupQueryAttention's do not: the check can fail), and the bits of a session of 3 threads (KV heads
+    in parallel in a call as large as the last case's). Vectorized (32, 64) and portable (16) paths."""
     rng = np.random.default_rng(0)
-    cache_rows, pos, rows = 96, 37, 6
+    rows = 6
     past = rng.standard_normal((2, 1, kv_heads, cache_rows, head_dim)).astype(np.float32)
     qkv = rng.standard_normal((1, rows, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
 
@@ -265,6 +268,10 @@ def test_our_attention_op_computes_group_query_attention_with_rows_that_keep_the
     assert not np.array_equal(row_caches, past)  # written in place
     assert np.array_equal(row, row_alone)
     assert not np.array_equal(gqa, gqa_alone)
+    threaded_caches = past.copy()
+    threaded = attend(row_attention_session(heads, kv_heads, head_dim, cache_rows, "row", threads=3), pos, rows,
+                      threaded_caches)
+    assert np.array_equal(threaded, row) and np.array_equal(threaded_caches, row_caches)
 
 
 @pytest.fixture(scope="module")
@@ -375,12 +382,13 @@ def matmulnbits_graph(k: int, n: int, block: int, seed: int = 0) -> tuple[onnx.M
     return quantize_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), 4, block), w
 
 
-@pytest.mark.parametrize("block", [32, 128])
-def test_our_linear_op_computes_the_4bit_weights_with_rows_that_keep_their_bits(block):
+@pytest.mark.parametrize("block, k, n", [(32, 256, 96), (128, 256, 96), (128, 1024, 768)])
+def test_our_linear_op_computes_the_4bit_weights_with_rows_that_keep_their_bits(block, k, n):
     """--onnx-linear linear_q4 (the int4 default): MatMulNBits' weights and scales, unpacked, give back W within a
     scale step (the repacking reads them right); layerskip.LinearQ4 computes what its torch reference
     (quant/linear_q4.py) computes on the repacked tensors, within 1e-5 of the outputs' size, and what MatMulNBits
-    computes within its activation rounding; a row of a 6-row call has the bits of that row alone."""
+    computes within its activation rounding; a row of a 6-row call has the bits of that row alone, and the bits of a
+    session of 3 threads (groups of output blocks in parallel in a call as large as the last case's)."""
     import onnxruntime as ort
     import torch
     from onnx import numpy_helper
@@ -389,7 +397,6 @@ def test_our_linear_op_computes_the_4bit_weights_with_rows_that_keep_their_bits(
     from quant.onnx_schemes import matmulnbits_weights, to_linear_q4
     from runtime.kernels import ort_ops_library
 
-    k, n = 256, 96
     proto, w = matmulnbits_graph(k, n, block)
     initializers = {t.name: t for t in proto.graph.initializer}
     q, scales = matmulnbits_weights(proto.graph.node[0], initializers)
@@ -411,6 +418,9 @@ def test_our_linear_op_computes_the_4bit_weights_with_rows_that_keep_their_bits(
     assert np.abs(y - nbits.run(None, {"x": x})[0]).max() <= 0.02 * np.abs(reference).max()
     alone = np.concatenate([ours.run(None, {"x": x[r:r + 1]})[0] for r in range(len(x))])
     assert np.array_equal(y, alone)
+    so.intra_op_num_threads = 3
+    threaded = ort.InferenceSession(ours_proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    assert np.array_equal(threaded.run(None, {"x": x})[0], y)
 
 
 def test_our_linear_op_refuses_a_linear_it_cannot_take():

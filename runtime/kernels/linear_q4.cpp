@@ -52,11 +52,11 @@ void linear_q4_rows(const float* x, int64_t rows, int64_t k, const Tensor& weigh
   const q4::Rows quantized = q4::quantize_rows(x, rows, k, groups);
   const q4::Weights w{weight.const_data_ptr<uint8_t>(), k / q4::kChunk, n / q4::kBlock};
   const q4::Scales sc{scales.const_data_ptr<float>(), weight_sums.const_data_ptr<float>(), n, groups};
-  // groups of output blocks in parallel (ExecuTorch's thread pool) from 3 rows on, where computing, not reading the
-  // weights, bounds a call; fewer rows in this thread, sparing the pool's wake-ups. A channel's arithmetic is the same
-  // whichever thread runs it.
+  // groups of output blocks in parallel (ExecuTorch's thread pool) where q4::rows_in_parallel; else in this thread,
+  // sparing the pool's wake-ups. A channel's arithmetic is the same whichever thread runs it.
   const int64_t blocks = n / q4::kBlock, tasks = (blocks + q4::kGroup - 1) / q4::kGroup;
-  executorch::extension::parallel_for(0, tasks, rows >= 3 ? 1 : tasks, [&](int64_t begin, int64_t end) {
+  executorch::extension::parallel_for(0, tasks, q4::rows_in_parallel(rows, k, n) ? 1 : tasks,
+                                      [&](int64_t begin, int64_t end) {
     q4::blocks(quantized, rows, w, sc, begin * q4::kGroup, std::min(blocks, end * q4::kGroup), y);
   });
 }

@@ -24,6 +24,11 @@ constexpr int64_t kBlock = 16;  // output channels per block
 constexpr int64_t kChunk = 8;   // inputs per 64-byte chunk of a block
 constexpr int64_t kGroup = 4;   // blocks whose chunks are interleaved
 
+// Whether a call's output blocks are worth spreading over threads: from 3 rows on, where computing, not reading the
+// weights, bounds it, and only where the call holds enough work (2^22 multiply-adds, ~20 us here) to repay waking a
+// pool (the shipped model's 6-row calls, 1.2M, were slower on two threads through ONNX Runtime's pool).
+inline bool rows_in_parallel(int64_t rows, int64_t k, int64_t n) { return rows >= 3 && rows * k * n >= (int64_t{1} << 22); }
+
 // The blocks in `block`'s group of 4 (the last group may hold fewer), of `blocks` in all.
 inline int64_t group_width(int64_t block, int64_t blocks) { return std::min(kGroup, blocks - block / kGroup * kGroup); }
 

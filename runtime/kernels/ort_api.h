@@ -4,7 +4,8 @@
 // ONNX Runtime hands a custom-op library an OrtApiBase; GetApi(version) returns a table of function pointers whose
 // order is fixed across releases (functions are only ever appended). We name the few slots we call by their index
 // in that table (checked against the public header's order at API version 13, which every runtime since 1.13
-// serves), and lay out OrtCustomOp as that version defines it. Everything else stays opaque.
+// serves, and at version 17 for KernelContext_ParallelFor, which runtimes since 1.17 serve), and lay out OrtCustomOp
+// as version 13 defines it. Everything else stays opaque.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +21,8 @@ struct KernelContext;   // OrtKernelContext
 struct Value;           // OrtValue
 struct TensorInfo;      // OrtTensorTypeAndShapeInfo
 
-constexpr uint32_t kApiVersion = 13;
+constexpr uint32_t kApiVersion = 13;          // OrtCustomOp's layout, and the table's slots below 102
+constexpr uint32_t kParallelApiVersion = 17;  // the first version with KernelContext_ParallelFor (slot 274)
 
 enum ElementType : int { kUndefined = 0, kFloat = 1, kUint8 = 2, kInt32 = 6, kInt64 = 7 };  // ONNXTensorElementDataType
 enum ErrorCode : int { kOk = 0, kFail = 1, kInvalidArgument = 2 };              // OrtErrorCode
@@ -29,7 +31,7 @@ enum MemType : int { kMemDefault = 0 };                      // OrtMemType
 
 // The function table (OrtApi): opaque slots, read through the typed accessors below.
 struct Api {
-  void* slot[102];
+  void* slot[275];
 };
 
 struct ApiBase {  // OrtApiBase
@@ -55,6 +57,8 @@ using KernelContextGetInput = Status* (*)(const KernelContext*, size_t, const Va
 using KernelContextGetOutput = Status* (*)(KernelContext*, size_t, const int64_t*, size_t, Value**);  // 91
 using ReleaseStatus = void (*)(Status*);                                                      // 93
 using ReleaseTensorInfo = void (*)(TensorInfo*);                                              // 99
+// fn(usr_data, i) for i in 0 .. total-1 on the session's intra-op thread pool (num_batch 0: one task an index)
+using KernelContextParallelFor = Status* (*)(const KernelContext*, void (*)(void*, size_t), size_t, size_t, void*);  // 274
 
 // OrtCustomOp at version 13: 13 members in this order.
 struct CustomOp {

@@ -8,17 +8,24 @@
 //   (pos + T - 1), total_len [] int32 (pos + T), cos_cache, sin_cache [S', D/2] (S' >= pos + T).
 // Outputs: attention [1, T, H D], present_k, present_v [1, H_kv, S, D]. The runtime binds each present output to
 // its past buffer, and the op writes rows pos .. pos+T-1 in place; given another buffer it copies the past first.
-// Attributes: num_heads, kv_num_heads. Rotary: HF's half-split layout. fp32, batch 1, one thread.
+// Attributes: num_heads, kv_num_heads. Rotary: HF's half-split layout. fp32, batch 1; KV heads in parallel in large
+// calls.
 //
 // LinearQ4 -- MatMulNBits' job (--onnx-linear linear_q4), done by our 4-bit linear (linear_q4.h): the same 4-bit
 // weights and scales (quant/onnx_schemes.py repacks them), activations quantized to 8 bits per row, each group's dot
 // product in integers: a row has the same bits whatever the number of rows in the call, and all rows of a call share
 // one pass over the weights. Inputs: x [..., K] fp32, weight [N/16, K/8, 64] uint8, scales [K/G, N] fp32, weight_sums
-// [N] fp32 (linear_q4.cpp's header). Output [..., N]. One thread.
+// [N] fp32 (linear_q4.cpp's header). Output [..., N]. Groups of output blocks in parallel in large calls of 3+ rows.
+//
+// Threads: the session's intra-op pool (SessionOptions.intra_op_num_threads), through KernelContext_ParallelFor on
+// runtimes that serve API version 17 (ONNX Runtime >= 1.17), else this thread alone. A channel's or a head's
+// arithmetic is the same whichever thread runs it, so the bits do not depend on the thread count.
 //
 // Built into its own library, without ExecuTorch (runtime/kernels: ort_ops_library), and registered with a session
 // through SessionOptions.register_custom_ops_library, which calls RegisterCustomOps below.
+#include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "linear_q4.h"
@@ -31,6 +38,20 @@ namespace {
 using namespace ort_abi;
 
 const Api* g_api = nullptr;
+bool g_parallel = false;  // g_api serves KernelContext_ParallelFor
+
+// body(i) for i in 0 .. tasks-1, on the session's intra-op threads where the runtime lends them, else in order here.
+template <class Body>
+void parallel_for(KernelContext* ctx, size_t tasks, const Body& body) {
+  if (g_parallel && tasks > 1) {
+    const auto call = [](void* b, size_t i) { (*static_cast<const Body*>(b))(static_cast<int64_t>(i)); };
+    Status* status = fn<274, KernelContextParallelFor>(g_api)(ctx, call, tasks, 0,
+                                                              const_cast<void*>(static_cast<const void*>(&body)));
+    if (status == nullptr) return;
+    fn<93, ReleaseStatus>(g_api)(status);  // refused before running anything (a minimal build): run it here
+  }
+  for (size_t i = 0; i < tasks; ++i) body(static_cast<int64_t>(i));
+}
 
 struct RowAttentionKernel {
   int64_t heads = 0, kv_heads = 0;
@@ -99,10 +120,7 @@ void attention(void* kernel_state, KernelContext* ctx) {
   if (v_cache != past_v.data) std::memcpy(v_cache, past_v.data, cache_bytes);
 
   // q rotated into a buffer [T, H, D]; k rotated and v copied into the caches at rows pos .. pos+T-1
-  thread_local std::vector<float> q, w, acc;
-  thread_local std::vector<const float*> queries;
-  thread_local std::vector<float*> outs;
-  thread_local std::vector<int64_t> keys;
+  thread_local std::vector<float> q;
   q.resize(t * h * d);
   const float* x = static_cast<const float*>(qkv.data);
   const float* cos_rows = static_cast<const float*>(cos.data);
@@ -121,46 +139,105 @@ void attention(void* kernel_state, KernelContext* ctx) {
   }
   // each KV head's queries (rows x the query heads that share it) over that head's [S, D] cache rows
   const int64_t group = h / h_kv, count = t * group;
-  if (static_cast<int64_t>(w.size()) < count * s) w.resize(count * s);
-  if (static_cast<int64_t>(acc.size()) < count * 2 * d) acc.resize(count * 2 * d);
-  queries.resize(count);
-  outs.resize(count);
-  keys.resize(count);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  for (int64_t kv = 0; kv < h_kv; ++kv) {
+  const float* rotated = q.data();  // this thread's buffer: `q` names another one in a pool thread
+  const auto kv_head = [&](int64_t kv) {
+    thread_local std::vector<float> w, acc;
+    thread_local std::vector<const float*> queries;
+    thread_local std::vector<float*> outs;
+    thread_local std::vector<int64_t> keys;
+    if (static_cast<int64_t>(w.size()) < count * s) w.resize(count * s);
+    if (static_cast<int64_t>(acc.size()) < count * 2 * d) acc.resize(count * 2 * d);
+    queries.resize(count);
+    outs.resize(count);
+    keys.resize(count);
     for (int64_t row = 0; row < t; ++row)
       for (int64_t g = 0; g < group; ++g) {
         const int64_t head = kv * group + g, i = row * group + g;
-        queries[i] = q.data() + (row * h + head) * d;
+        queries[i] = rotated + (row * h + head) * d;
         outs[i] = out + (row * h + head) * d;
         keys[i] = pos + row + 1;
       }
     attend_queries(queries.data(), keys.data(), count, k_cache + kv * s * d, v_cache + kv * s * d, d, d, s, scale,
                    w.data(), acc.data(), outs.data());
+  };
+  // KV heads in parallel where the call's scores hold 2^20 multiply-adds or more (the 1B shape's 4-row verify, not
+  // its 1-row call nor any call of the shipped model, where waking the pool per layer cost more than it saved)
+  if (t * h * end * d >= (int64_t{1} << 20)) {
+    parallel_for(ctx, h_kv, kv_head);
+  } else {
+    for (int64_t kv = 0; kv < h_kv; ++kv) kv_head(kv);
   }
 }
 
-void linear_q4(void*, KernelContext* ctx) {
-  Tensor x, weight, scales, sums;
-  if (!read_input(ctx, 0, x) || !read_input(ctx, 1, weight) || !read_input(ctx, 2, scales) ||
-      !read_input(ctx, 3, sums) || x.dims.empty() || weight.dims.size() != 3 || scales.dims.size() != 2)
-    return;
-  const int64_t k = x.dims.back(), groups = scales.dims[0], n = scales.dims[1];
+// LinearQ4's kernel: its weights as the last call found them. They are the node's initializers, whose buffers stay
+// put for the session's life, so a call reads only their addresses (2 API calls each) and their shapes once: the
+// shapes' 4 API calls and a heap allocation per input were a good part of a small linear's cost.
+struct LinearQ4Kernel {
+  std::mutex mutex;  // sessions may run concurrently
+  const void* data[3] = {};  // weight, scales, weight_sums
+  int64_t k = -1, n = 0, groups = 0;  // k = -1: the weights do not make a linear
+};
+
+const void* input_data(KernelContext* ctx, size_t index) {
+  const Value* value = nullptr;
+  void* data = nullptr;
+  if (fn<90, KernelContextGetInput>(g_api)(ctx, index, &value) || value == nullptr ||
+      fn<51, GetTensorMutableData>(g_api)(const_cast<Value*>(value), &data))
+    return nullptr;
+  return data;
+}
+
+void linear_q4(void* kernel_state, KernelContext* ctx) {
+  auto& kernel = *static_cast<LinearQ4Kernel*>(kernel_state);
+  Tensor x;
+  const void* data[3] = {input_data(ctx, 1), input_data(ctx, 2), input_data(ctx, 3)};
+  if (!read_input(ctx, 0, x) || x.dims.empty() || !data[0] || !data[1] || !data[2]) return;
+  int64_t fits_k, n, groups;
+  {
+    std::lock_guard<std::mutex> lock(kernel.mutex);
+    if (!std::equal(data, data + 3, kernel.data)) {  // first call, or other weights: read and check their shapes
+      Tensor weight, scales, sums;
+      if (!read_input(ctx, 1, weight) || !read_input(ctx, 2, scales) || !read_input(ctx, 3, sums) ||
+          weight.dims.size() != 3 || scales.dims.size() != 2 || sums.dims.size() != 1)
+        return;
+      kernel.k = weight.dims[1] * q4::kChunk;
+      kernel.groups = scales.dims[0];
+      kernel.n = scales.dims[1];
+      if (weight.dims[0] * q4::kBlock != kernel.n || weight.dims[2] != 64 || sums.dims[0] != kernel.n ||
+          kernel.groups <= 0 || kernel.k % (kernel.groups * q4::kChunk) != 0 || kernel.k >= (int64_t{1} << 19))
+        kernel.k = -1;
+      std::copy(data, data + 3, kernel.data);
+    }
+    fits_k = kernel.k;
+    n = kernel.n;
+    groups = kernel.groups;
+  }
+  const int64_t k = x.dims.back();
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < x.dims.size(); ++i) rows *= x.dims[i];
   std::vector<int64_t> out_dims(x.dims);
   out_dims.back() = n;
   float* y = output(ctx, 0, out_dims);
   if (y == nullptr) return;
-  if (weight.dims[1] * q4::kChunk != k || weight.dims[0] * q4::kBlock != n || weight.dims[2] != 64 || groups <= 0 ||
-      k % (groups * q4::kChunk) != 0 || k >= (int64_t{1} << 19)) {
+  if (fits_k != k) {
     for (int64_t i = 0; i < rows * n; ++i) y[i] = NAN;  // no status to return at this API version: poison
     return;
   }
   const q4::Rows quantized = q4::quantize_rows(static_cast<const float*>(x.data), rows, k, groups);
-  const q4::Weights w{static_cast<const uint8_t*>(weight.data), k / q4::kChunk, n / q4::kBlock};
-  const q4::Scales sc{static_cast<const float*>(scales.data), static_cast<const float*>(sums.data), n, groups};
-  q4::blocks(quantized, rows, w, sc, 0, n / q4::kBlock, y);
+  const q4::Weights w{static_cast<const uint8_t*>(data[0]), k / q4::kChunk, n / q4::kBlock};
+  const q4::Scales sc{static_cast<const float*>(data[1]), static_cast<const float*>(data[2]), n, groups};
+  // groups of 4 output blocks in parallel where q4::rows_in_parallel (as linear_q4.cpp's op on ExecuTorch's pool);
+  // else here, sparing the pool's wake-ups
+  const int64_t blocks = n / q4::kBlock, tasks = (blocks + q4::kGroup - 1) / q4::kGroup;
+  const auto group_of_blocks = [&](int64_t task) {
+    q4::blocks(quantized, rows, w, sc, task * q4::kGroup, std::min(blocks, (task + 1) * q4::kGroup), y);
+  };
+  if (q4::rows_in_parallel(rows, k, n)) {
+    parallel_for(ctx, tasks, group_of_blocks);
+  } else {
+    q4::blocks(quantized, rows, w, sc, 0, blocks, y);
+  }
 }
 
 void* create_attention(const CustomOp*, const Api* api, const KernelInfo* info) {
@@ -197,14 +274,13 @@ constexpr OpSpec make_op(const char* name, const ElementType* inputs, size_t inp
 
 constexpr ElementType kAttentionInputs[] = {kFloat, kFloat, kFloat, kInt32, kInt32, kFloat, kFloat};
 constexpr ElementType kLinearInputs[] = {kFloat, kUint8, kFloat, kFloat};
-int g_stateless = 0;  // LinearQ4's kernel: no state, but not a null pointer
 
 const OpSpec kOps[] = {
     make_op("RowAttention", kAttentionInputs, 7, 3, create_attention, attention,
             [](void* kernel) { delete static_cast<RowAttentionKernel*>(kernel); }),
     make_op("LinearQ4", kLinearInputs, 4, 1,
-            [](const CustomOp*, const Api*, const KernelInfo*) -> void* { return &g_stateless; }, linear_q4,
-            [](void*) {}),
+            [](const CustomOp*, const Api*, const KernelInfo*) -> void* { return new LinearQ4Kernel; }, linear_q4,
+            [](void* kernel) { delete static_cast<LinearQ4Kernel*>(kernel); }),
 };
 
 CustomOpDomain* g_domain = nullptr;  // lives as long as the process: sessions may outlive any one registration
@@ -217,7 +293,10 @@ extern "C" __attribute__((visibility("default"))) ort_abi::Status* RegisterCusto
   using namespace ort_abi;
   using layerskip::g_api;
   using layerskip::g_domain;
-  g_api = base->GetApi(kApiVersion);
+  using layerskip::g_parallel;
+  g_api = base->GetApi(kParallelApiVersion);  // the same table, longer; runtimes before 1.17 serve only the first part
+  g_parallel = g_api != nullptr;
+  if (g_api == nullptr) g_api = base->GetApi(kApiVersion);
   if (g_api == nullptr) return nullptr;  // cannot happen on runtimes >= 1.13; nothing to report the error with
   if (g_domain == nullptr) {
     if (Status* s = fn<26, CreateCustomOpDomain>(g_api)("layerskip", &g_domain)) return s;
