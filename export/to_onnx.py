@@ -270,7 +270,7 @@ def check(directory: Path, files: dict[str, str], our_ops: bool) -> None:
 
 def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
     """All stages after load for the ONNX target; returns the manifest (sizes filled in later)."""
-    from export.pipeline import base_manifest
+    from export.pipeline import base_manifest, lookup_defaults
     from quant.onnx_schemes import quantize, resolve_onnx_scheme
 
     scheme = resolve_onnx_scheme(cfg.quant)
@@ -288,9 +288,15 @@ def export_onnx(cfg, r, model: Transformer, directory: Path, stages):
         from quant.onnx_schemes import to_linear_q4
 
         protos = stages.run("repack", lambda methods: {name: to_linear_q4(p) for name, p in methods.items()}, protos)
+        if kind == "row":  # each layer one node of our op (export/onnx_fused_layer.py)
+            from export.onnx_fused_layer import fuse_decoder_layers
+
+            protos = stages.run("fuse layers", lambda methods: {n: fuse_decoder_layers(p) for n, p in methods.items()},
+                                protos)
     files = stages.run("save", save_shared, protos, directory)
     stages.run("check", check, directory, files, uses_our_onnx_ops(kind, linear))
     return base_manifest(cfg, r, model, format="onnx", files=files, file_sizes={}, methods=methods,
                          quant=scheme, backend="onnxruntime",
                          extra={"kv_cache": kind, **({"pad_drafts": True} if cfg.pad_drafts else {}),
-                                **({"linear": linear} if scheme != "none" else {})})
+                                **({"linear": linear} if scheme != "none" else {}),
+                                **(lookup_defaults(r.ckpt.recommended, "onnx") if cfg.exact_lookup else {})})

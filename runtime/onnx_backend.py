@@ -199,6 +199,8 @@ class OnnxBackend:
         self.rows_alike = self.min_rows == 1 and self.verify_row_multiple == 1
         self.pad_drafts = bool(manifest.extra.get("pad_drafts"))  # module docstring
         self.has_draft_verify = "draft_verify" in manifest.methods
+        # --lookup's K and its runs' K measured best for this model (export/pipeline.py: lookup_defaults), or None
+        self.default_lookup, self.lookup_run = manifest.extra.get("lookup"), manifest.extra.get("lookup_run")
         self.token_ids = np.zeros(self.max_seq_len, np.int64)  # the token drafted at each position (--pad-drafts)
         # token ids and position live in two host arrays bound by pointer: a call writes them in place
         self.tokens = np.zeros((1, self.max_tokens_per_call + 1), np.int64)  # + a padding row (--pad-drafts)

@@ -120,8 +120,8 @@ def test_a_lookup_whose_match_reaches_back_further_drafts_up_to_lookup_run(model
 
 
 def test_the_lookup_k_a_checkpoint_records_is_the_artifacts_default(model, autoregressive_tokens, monkeypatch):
-    """layerskip.json may record --lookup's K and its runs' K for a target ("with_lookup": both shipped models' .pte,
-    measured best there): the export writes them into the manifest (export/pipeline.py: lookup_defaults), and the
+    """layerskip.json may record --lookup's K and its runs' K for a target ("with_lookup": both shipped models' .pte
+    and .onnx, measured best there): the export writes them into the manifest (export/pipeline.py: lookup_defaults), and the
     runtime takes them where no K is given, before its own defaults; a K given stands."""
     import json
     from pathlib import Path
@@ -132,7 +132,7 @@ def test_the_lookup_k_a_checkpoint_records_is_the_artifacts_default(model, autor
 
     shipped = json.loads((Path(__file__).parents[1] / "models" / "default" / "layerskip.json").read_text())
     assert lookup_defaults(shipped, "pte") == {"lookup": 2, "lookup_run": 6}
-    assert lookup_defaults(shipped, "onnx") == {} and lookup_defaults({}, "pte") == {}
+    assert lookup_defaults(shipped, "onnx") == {"lookup": 2, "lookup_run": 6} and lookup_defaults({}, "pte") == {}
     backend = EagerBackend(model, 2, 256)
     backend.default_lookup, backend.lookup_run = 2, 6  # as ExecuTorchBackend reads them from the manifest
     exact = SimpleNamespace(backend=backend, facts={"exact_lookup": True})

@@ -177,15 +177,19 @@ def test_exit_guesses_leave_the_caches_as_plain_decoding_does(int4_gqa_onnx, mon
 
 
 def test_draft_verify_runs_layer_e_norm_as_draft_and_verify_do(tmp_path):
-    """draft_verify keeps the Add that makes `hidden` and layer E's input norm apart, as draft (ends at the
-    Add) and verify (starts at the norm) run them: fused into SkipSimplifiedLayerNormalization they round
-    some rows differently. On models/deep16 at int4 that flipped a near-tie (3.8e-6 apart) at the 18th
-    token of HumanEval/28, so exact lookup left plain decoding there."""
+    """draft_verify makes `hidden` and runs layer E's input norm as draft (ends at `hidden`) and verify (starts
+    from it) do: fused into one SkipSimplifiedLayerNormalization they round some rows differently (on models/deep16
+    at int4 that flipped a near-tie, 3.8e-6 apart, at the 18th token of HumanEval/28, so exact lookup left plain
+    decoding there). In the int4 default each layer is one layerskip.DecoderLayer node: `hidden` is layer E-1's
+    output and layer E's node normalizes it inside, in draft_verify as in verify."""
     manifest = export(DEFAULT_MODEL_DIR.parent / "deep16", tmp_path, quant="int4", for_lookup=True)
     graph = onnx.load(str(manifest.directory / "draft_verify.onnx"), load_external_data=False).graph
-    assert next(n for n in graph.node if "hidden" in n.output).op_type == "Add"
-    assert any(n.op_type == "SimplifiedLayerNormalization" and n.input[0] == "hidden" for n in graph.node)
+    assert next(n for n in graph.node if "hidden" in n.output).op_type == "DecoderLayer"
+    assert [n.op_type for n in graph.node if "hidden" in n.input] == ["DecoderLayer"]
+    verify = onnx.load(str(manifest.directory / "verify.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in verify.node if "hidden" in n.input] == ["Shape", "DecoderLayer"]
     opened = open_artifact(manifest.directory)
+    assert (opened.backend.default_lookup, opened.backend.lookup_run) == (2, 6)  # deep16's layerskip.json records them
     ids = opened.tokenizer.encode(humaneval_prompts()[28]["prompt"])
     base = dict(max_new_tokens=24, eos_token_ids=tuple(opened.eos_token_ids))
     plain = generate(opened.backend, ids, GenerationConfig(**base, self_speculative=False)).tokens
@@ -434,11 +438,14 @@ def test_our_linear_op_refuses_a_linear_it_cannot_take():
 
 
 def test_int4_graphs_use_our_ops_and_give_a_row_its_bits_unpadded(int4_lookup_onnx):
-    """The int4 default: every linear through layerskip.LinearQ4, attention through layerskip.RowAttention, so that
-    every call gives a row the bits it has alone, with no padding row (at blocks of 64 MatMulNBits needs one); a step
-    that looks nothing up is then one draft_verify call of one row, with plain decoding's bits."""
-    ops = {n.op_type for n in onnx.load(str(int4_lookup_onnx.path("draft_verify")), load_external_data=False).graph.node}
-    assert {"LinearQ4", "RowAttention"} <= ops and not {"MatMulNBits", "GroupQueryAttention"} & ops
+    """The int4 default: every layer one layerskip.DecoderLayer node (our LinearQ4's linear and RowAttention's
+    attention inside) and the head a layerskip.LinearQ4, so that every call gives a row the bits it has alone, with no
+    padding row (at blocks of 64 MatMulNBits needs one); a step that looks nothing up is then one draft_verify call of
+    one row, with plain decoding's bits."""
+    nodes = onnx.load(str(int4_lookup_onnx.path("draft_verify")), load_external_data=False).graph.node
+    ops = [n.op_type for n in nodes]
+    assert ops.count("DecoderLayer") == int4_lookup_onnx.shape.num_layers and ops.count("LinearQ4") == 1
+    assert not {"MatMulNBits", "GroupQueryAttention", "RowAttention", "Sigmoid"} & set(ops)
     assert int4_lookup_onnx.extra["linear"] == "linear_q4"
     backend = open_artifact(int4_lookup_onnx.directory).backend
     assert backend.rows_alike and backend.padded_rows(1) == 1 and backend.padded_rows(5) == 5
@@ -450,6 +457,27 @@ def test_int4_graphs_use_our_ops_and_give_a_row_its_bits_unpadded(int4_lookup_on
     spec = generate(backend, repeating, GenerationConfig(max_new_tokens=60, num_speculations=3, lookup=DEFAULT_LOOKUP))
     assert spec.tokens == plain.tokens and spec.stats.lookup_steps > 0
     assert spec.stats.step_tokens.get("plain", 0) > 0  # steps that matched nothing: one call each
+
+
+def test_each_int4_layer_is_one_node_computing_what_its_nodes_did(tiny_checkpoint, int4_lookup_onnx, tmp_path,
+                                                                   monkeypatch):
+    """export/onnx_fused_layer.py: the same artifact exported with each layer as its 10 nodes gives every method's
+    logits within 1e-5 of their scale (the fused op's norms and SiLU round as the .pte kernel's do, not as ONNX
+    Runtime's), and the same greedy tokens; the fused graphs read the same weights (weights.bin equal in size)."""
+    import export.onnx_fused_layer as fused_layer
+
+    monkeypatch.setattr(fused_layer, "fuse_decoder_layers", lambda proto: proto)
+    unfused = export(tiny_checkpoint, tmp_path, quant="int4", for_lookup=True)
+    nodes = onnx.load(str(unfused.path("forward")), load_external_data=False).graph.node
+    assert "DecoderLayer" not in [n.op_type for n in nodes] and len(nodes) > 10 * unfused.shape.num_layers
+    assert unfused.file_sizes["weights.bin"] == int4_lookup_onnx.file_sizes["weights.bin"]
+    fused_calls = call_sequence(open_artifact(int4_lookup_onnx.directory).backend)
+    unfused_calls = call_sequence(open_artifact(unfused.directory).backend)
+    for a, b in zip(fused_calls, unfused_calls):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    config = GenerationConfig(max_new_tokens=40, self_speculative=False)
+    assert generate(open_artifact(int4_lookup_onnx.directory).backend, PROMPT, config).tokens == \
+        generate(open_artifact(unfused.directory).backend, PROMPT, config).tokens
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])

@@ -5,9 +5,10 @@ weights (quant/linear_q4.py: --pte-linear linear_q4), and layerskip::decoder_lay
 decoder layer of such a .pte in one call, through the same linear and attention (export/fused_layer.py). The same library carries one call into the runtime that its Python
 bindings lack (xnnpack_options.cpp): share_xnnpack_weights() turns on XNNPACK's weight cache.
 
-ONNX Runtime gets the same attention as a custom operator, layerskip.RowAttention (ort_ops.cpp, --onnx-kv-cache row),
-in a library of its own built without ExecuTorch (`ort_ops_library()`), so that an app decoding .onnx artifacts needs
-only onnxruntime, numpy and a compiler, or the prebuilt library.
+ONNX Runtime gets the same attention, linear and whole layer as custom operators, layerskip.RowAttention,
+layerskip.LinearQ4 and layerskip.DecoderLayer (ort_ops.cpp; --onnx-kv-cache row, --onnx-linear linear_q4,
+export/onnx_fused_layer.py), in a library of its own built without ExecuTorch (`ort_ops_library()`), so that an app
+decoding .onnx artifacts needs only onnxruntime, numpy and a compiler, or the prebuilt library.
 
 ExecuTorch resolves a program's operators by name when a method loads, so the kernels must be registered in the
 process first: `load_kernels()` compiles the sources into one library against the installed executorch's headers
@@ -31,7 +32,7 @@ from runtime.errors import UserError
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("row_sdpa.cpp", "linear_q4.cpp", "decoder_layer.cpp", "xnnpack_options.cpp"))
 ORT_SOURCES = (Path(__file__).with_name("ort_ops.cpp"),)
-HEADERS = tuple(Path(__file__).with_name(f) for f in ("row_attention.h", "linear_q4.h", "et_kernels.h", "ort_api.h"))  # in both libraries' keys
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("row_attention.h", "linear_q4.h", "layer_rows.h", "et_kernels.h", "ort_api.h"))  # in both libraries' keys
 _loaded: list[ctypes.CDLL] = []  # the kernel library, once loaded
 
 
@@ -92,9 +93,9 @@ def library() -> Path:
 
 
 def ort_ops_library() -> Path:
-    """The built ONNX Runtime custom-op library (layerskip.RowAttention), compiled now if needed: needs no
-    ExecuTorch, only a C++17 compiler. SessionOptions.register_custom_ops_library(str(path)) makes a session know the
-    op."""
+    """The built ONNX Runtime custom-op library (layerskip.RowAttention, LinearQ4, DecoderLayer), compiled now if
+    needed: needs no ExecuTorch, only a C++17 compiler. SessionOptions.register_custom_ops_library(str(path)) makes a
+    session know the ops."""
     return _build("layerskip_ort_ops", ORT_SOURCES, "onnxruntime-abi-13",
                   lambda compiler, out: [compiler, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared",
                                          "-fvisibility=hidden", *map(str, ORT_SOURCES), "-o", str(out)],

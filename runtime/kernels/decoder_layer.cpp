@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "et_kernels.h"
-#include "row_attention.h"
+#include "layer_rows.h"
 
 namespace layerskip {
 
@@ -31,21 +31,6 @@ using executorch::aten::Tensor;
 using executorch::runtime::KernelRuntimeContext;
 
 namespace {
-
-// y = w * (x * (1 / sqrt(mean(x^2) + eps))), row by row; the squares summed in 8 strided sums, then in order.
-void rms_norm(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* y) {
-  for (int64_t r = 0; r < rows; ++r, x += dim, y += dim) {
-    float part[8] = {};
-    int64_t i = 0;
-    for (; i + 8 <= dim; i += 8)
-      for (int j = 0; j < 8; ++j) part[j] += x[i + j] * x[i + j];
-    float sum = 0.f;
-    for (int j = 0; j < 8; ++j) sum += part[j];
-    for (; i < dim; ++i) sum += x[i] * x[i];
-    const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
-    for (i = 0; i < dim; ++i) y[i] = w[i] * (x[i] * inv);
-  }
-}
 
 // x * cos + rotate_half(x) * sin in place for `heads` heads of d at p (HF's halves layout: rotate_half = [-x2, x1], and
 // both halves turn by the same d/2 angles, whose cos and sin are cos[0 .. d/2), sin[0 .. d/2)).
@@ -57,30 +42,6 @@ void rope(float* p, int64_t heads, int64_t d, const float* cos, const float* sin
       p[i] = a * cos[i] + (-b) * sin[i];
       p[i + half] = b * cos[i] + a * sin[i];
     }
-}
-
-// act = silu(g) * u for one row: g, u of `width` at gu, gu + width. silu(g) = g * sigmoid(g), sigmoid from
-// e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, e / (1 + e) below; the numerator is max(e, min(max(g * 2^100, 0), 1)),
-// which is 1 for g >= 2^-100 and e below (e rounds to 1 for |g| < 2^-25, where both numerators agree).
-void silu_mul(const float* gu, int64_t width, float* act) {
-  const float* u = gu + width;
-  int64_t i = 0;
-#ifdef ROW_SDPA_AVX2
-#ifdef ROW_SDPA_AVX512
-  using L = Lanes16;
-#else
-  using L = Lanes8;
-#endif
-  using V = typename L::V;
-  const V zero = L::zero(), one = L::set1(1.0f), big = L::set1(0x1p100f);
-  for (; i + L::N <= width; i += L::N) {
-    const V g = L::loadu(gu + i);
-    const V e = exp_nonpositive<L>(L::sub(zero, L::max(g, L::sub(zero, g))));
-    const V numerator = L::max(e, L::min(L::max(L::mul(g, big), zero), one));
-    L::storeu(act + i, L::mul(L::mul(g, L::div(numerator, L::add(one, e))), L::loadu(u + i)));
-  }
-#endif
-  for (; i < width; ++i) act[i] = gu[i] / (1.0f + std::exp(-gu[i])) * u[i];
 }
 
 struct Linear {
@@ -155,7 +116,10 @@ Tensor& decoder_layer_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   // MLP
   rms_norm(y, mlp_norm.const_data_ptr<float>(), t, dim, norm_eps, normed.data());
   linear_q4_rows(normed.data(), t, dim, gate_up.weight, gate_up.scales, gate_up.sums, gate_up_rows.data());
-  for (int64_t r = 0; r < t; ++r) silu_mul(gate_up_rows.data() + r * 2 * width, width, act.data() + r * width);
+  for (int64_t r = 0; r < t; ++r) {
+    const float* gu = gate_up_rows.data() + r * 2 * width;  // [g | u]
+    silu_mul(gu, gu + width, width, act.data() + r * width);
+  }
   linear_q4_rows(act.data(), t, width, down.weight, down.scales, down.sums, delta.data());
   for (int64_t i = 0; i < t * dim; ++i) y[i] += delta[i];
   return out;

@@ -52,6 +52,7 @@ using GetTensorMutableData = Status* (*)(Value*, void**);                       
 using GetDimensionsCount = Status* (*)(const TensorInfo*, size_t*);                           // 61
 using GetDimensions = Status* (*)(const TensorInfo*, int64_t*, size_t);                       // 62
 using GetTensorTypeAndShape = Status* (*)(const Value*, TensorInfo**);                        // 65
+using KernelInfoGetAttributeFloat = Status* (*)(const KernelInfo*, const char*, float*);       // 85
 using KernelInfoGetAttributeInt64 = Status* (*)(const KernelInfo*, const char*, int64_t*);     // 86
 using KernelContextGetInput = Status* (*)(const KernelContext*, size_t, const Value**);        // 90
 using KernelContextGetOutput = Status* (*)(KernelContext*, size_t, const int64_t*, size_t, Value**);  // 91

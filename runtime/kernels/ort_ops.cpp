@@ -17,6 +17,14 @@
 // one pass over the weights. Inputs: x [..., K] fp32, weight [N/16, K/8, 64] uint8, scales [K/G, N] fp32, weight_sums
 // [N] fp32 (linear_q4.cpp's header). Output [..., N]. Groups of output blocks in parallel in large calls of 3+ rows.
 //
+// DecoderLayer -- a whole Llama decoder layer of our int4 graphs in one node (export/onnx_fused_layer.py), as
+// decoder_layer.cpp is for the .pte: x_out = h + down(silu(gate(n2)) * up(n2)), n2 = rms_norm(h), h = x + o(attend(
+// qkv(rms_norm(x)))), through the same linear and attention as the ops above and the .pte kernel's norms and SiLU
+// (layer_rows.h), each step row by row. Inputs: x [1, T, dim], the attention norm's weight [dim], the q|k|v linear
+// (weight, scales, weight_sums), past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache (as RowAttention), the o
+// linear, the MLP norm's weight, the gate, up and down linears. Outputs: x_out [1, T, dim], present_k, present_v.
+// Attributes: num_heads, kv_num_heads, epsilon (the norms').
+//
 // Threads: the session's intra-op pool (SessionOptions.intra_op_num_threads), through KernelContext_ParallelFor on
 // runtimes that serve API version 17 (ONNX Runtime >= 1.17), else this thread alone. A channel's or a head's
 // arithmetic is the same whichever thread runs it, so the bits do not depend on the thread count.
@@ -25,12 +33,13 @@
 // through SessionOptions.register_custom_ops_library, which calls RegisterCustomOps below.
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <vector>
 
+#include "layer_rows.h"
 #include "linear_q4.h"
 #include "ort_api.h"
-#include "row_attention.h"
 
 namespace layerskip {
 namespace {
@@ -84,6 +93,10 @@ float* output(KernelContext* ctx, size_t index, const std::vector<int64_t>& dims
   return static_cast<float*>(data);
 }
 
+void poison(float* y, int64_t count) {  // no status to return at this API version: NaN outputs instead
+  for (int64_t i = 0; i < count; ++i) y[i] = NAN;
+}
+
 // Rotates one head's row x [D] at rotary row (cos, sin) [D/2] into y: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin.
 void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* y) {
   const int64_t half = d / 2;
@@ -94,40 +107,16 @@ void rotate(const float* x, const float* cos, const float* sin, int64_t d, float
   }
 }
 
-void attention(void* kernel_state, KernelContext* ctx) {
-  const auto& kernel = *static_cast<RowAttentionKernel*>(kernel_state);
-  Tensor qkv, past_k, past_v, total, cos, sin;
-  if (!read_input(ctx, 0, qkv) || !read_input(ctx, 1, past_k) || !read_input(ctx, 2, past_v) ||
-      !read_input(ctx, 4, total) || !read_input(ctx, 5, cos) || !read_input(ctx, 6, sin))
-    return;
-  const int64_t h = kernel.heads, h_kv = kernel.kv_heads;
-  if (qkv.dims.size() != 3 || past_k.dims.size() != 4 || cos.dims.size() != 2 || h <= 0 || h_kv <= 0 || h % h_kv)
-    return;
-  const int64_t t = qkv.dims[1], s = past_k.dims[2], d = past_k.dims[3];
-  const int64_t end = *static_cast<const int32_t*>(total.data), pos = end - t;
-  float* out = output(ctx, 0, {1, t, h * d});
-  if (out == nullptr) return;
-  if (qkv.dims[2] != (h + 2 * h_kv) * d || past_k.dims[1] != h_kv || pos < 0 || end > s || end > cos.dims[0] ||
-      cos.dims[1] * 2 != d) {
-    for (int64_t i = 0; i < t * h * d; ++i) out[i] = NAN;  // no status to return at this API version: poison
-    return;
-  }
-  float* k_cache = output(ctx, 1, past_k.dims);
-  float* v_cache = output(ctx, 2, past_k.dims);
-  if (k_cache == nullptr || v_cache == nullptr) return;
-  const size_t cache_bytes = static_cast<size_t>(h_kv * s * d) * sizeof(float);
-  if (k_cache != past_k.data) std::memcpy(k_cache, past_k.data, cache_bytes);
-  if (v_cache != past_v.data) std::memcpy(v_cache, past_v.data, cache_bytes);
-
+// Attention of t rows at positions pos .. pos+t-1: their q | k | v (not yet rotated) at qkv [t, (H + 2 H_kv) D]; k
+// rotated and v written into the caches [H_kv, S, D] at those rows; the results [t, H D] at out.
+void attend_qkv(KernelContext* ctx, const float* qkv, int64_t t, int64_t h, int64_t h_kv, int64_t d, int64_t s,
+                int64_t pos, const float* cos_rows, const float* sin_rows, float* k_cache, float* v_cache, float* out) {
   // q rotated into a buffer [T, H, D]; k rotated and v copied into the caches at rows pos .. pos+T-1
   thread_local std::vector<float> q;
   q.resize(t * h * d);
-  const float* x = static_cast<const float*>(qkv.data);
-  const float* cos_rows = static_cast<const float*>(cos.data);
-  const float* sin_rows = static_cast<const float*>(sin.data);
   const int64_t width = (h + 2 * h_kv) * d;
   for (int64_t row = 0; row < t; ++row) {
-    const float* xr = x + row * width;
+    const float* xr = qkv + row * width;
     const float* c = cos_rows + (pos + row) * (d / 2);
     const float* sn = sin_rows + (pos + row) * (d / 2);
     for (int64_t head = 0; head < h; ++head) rotate(xr + head * d, c, sn, d, q.data() + (row * h + head) * d);
@@ -163,19 +152,47 @@ void attention(void* kernel_state, KernelContext* ctx) {
   };
   // KV heads in parallel where the call's scores hold 2^20 multiply-adds or more (the 1B shape's 4-row verify, not
   // its 1-row call nor any call of the shipped model, where waking the pool per layer cost more than it saved)
-  if (t * h * end * d >= (int64_t{1} << 20)) {
+  if (t * h * (pos + t) * d >= (int64_t{1} << 20)) {
     parallel_for(ctx, h_kv, kv_head);
   } else {
     for (int64_t kv = 0; kv < h_kv; ++kv) kv_head(kv);
   }
 }
 
-// LinearQ4's kernel: its weights as the last call found them. They are the node's initializers, whose buffers stay
-// put for the session's life, so a call reads only their addresses (2 API calls each) and their shapes once: the
-// shapes' 4 API calls and a heap allocation per input were a good part of a small linear's cost.
-struct LinearQ4Kernel {
-  std::mutex mutex;  // sessions may run concurrently
-  const void* data[3] = {};  // weight, scales, weight_sums
+void attention(void* kernel_state, KernelContext* ctx) {
+  const auto& kernel = *static_cast<RowAttentionKernel*>(kernel_state);
+  Tensor qkv, past_k, past_v, total, cos, sin;
+  if (!read_input(ctx, 0, qkv) || !read_input(ctx, 1, past_k) || !read_input(ctx, 2, past_v) ||
+      !read_input(ctx, 4, total) || !read_input(ctx, 5, cos) || !read_input(ctx, 6, sin))
+    return;
+  const int64_t h = kernel.heads, h_kv = kernel.kv_heads;
+  if (qkv.dims.size() != 3 || past_k.dims.size() != 4 || cos.dims.size() != 2 || h <= 0 || h_kv <= 0 || h % h_kv)
+    return;
+  const int64_t t = qkv.dims[1], s = past_k.dims[2], d = past_k.dims[3];
+  const int64_t end = *static_cast<const int32_t*>(total.data), pos = end - t;
+  float* out = output(ctx, 0, {1, t, h * d});
+  if (out == nullptr) return;
+  if (qkv.dims[2] != (h + 2 * h_kv) * d || past_k.dims[1] != h_kv || pos < 0 || end > s || end > cos.dims[0] ||
+      cos.dims[1] * 2 != d) {
+    return poison(out, t * h * d);
+  }
+  float* k_cache = output(ctx, 1, past_k.dims);
+  float* v_cache = output(ctx, 2, past_k.dims);
+  if (k_cache == nullptr || v_cache == nullptr) return;
+  const size_t cache_bytes = static_cast<size_t>(h_kv * s * d) * sizeof(float);
+  if (k_cache != past_k.data) std::memcpy(k_cache, past_k.data, cache_bytes);
+  if (v_cache != past_v.data) std::memcpy(v_cache, past_v.data, cache_bytes);
+
+  attend_qkv(ctx, static_cast<const float*>(qkv.data), t, h, h_kv, d, s, pos, static_cast<const float*>(cos.data),
+             static_cast<const float*>(sin.data), k_cache, v_cache, out);
+}
+
+// A linear's weights (weight, scales, weight_sums: three inputs) as the last call found them. They are the node's
+// initializers, whose buffers stay put for the session's life, so a call reads only their addresses (2 API calls each)
+// and their shapes once: the shapes' 4 API calls and a heap allocation per input were a good part of a small linear's
+// cost (the shipped model's forward call 231-233 -> 219-223 us; results/probe_ort_call_overhead.txt).
+struct LinearWeights {
+  const void* data[3] = {};
   int64_t k = -1, n = 0, groups = 0;  // k = -1: the weights do not make a linear
 };
 
@@ -188,56 +205,147 @@ const void* input_data(KernelContext* ctx, size_t index) {
   return data;
 }
 
-void linear_q4(void* kernel_state, KernelContext* ctx) {
-  auto& kernel = *static_cast<LinearQ4Kernel*>(kernel_state);
-  Tensor x;
-  const void* data[3] = {input_data(ctx, 1), input_data(ctx, 2), input_data(ctx, 3)};
-  if (!read_input(ctx, 0, x) || x.dims.empty() || !data[0] || !data[1] || !data[2]) return;
-  int64_t fits_k, n, groups;
-  {
-    std::lock_guard<std::mutex> lock(kernel.mutex);
-    if (!std::equal(data, data + 3, kernel.data)) {  // first call, or other weights: read and check their shapes
-      Tensor weight, scales, sums;
-      if (!read_input(ctx, 1, weight) || !read_input(ctx, 2, scales) || !read_input(ctx, 3, sums) ||
-          weight.dims.size() != 3 || scales.dims.size() != 2 || sums.dims.size() != 1)
-        return;
-      kernel.k = weight.dims[1] * q4::kChunk;
-      kernel.groups = scales.dims[0];
-      kernel.n = scales.dims[1];
-      if (weight.dims[0] * q4::kBlock != kernel.n || weight.dims[2] != 64 || sums.dims[0] != kernel.n ||
-          kernel.groups <= 0 || kernel.k % (kernel.groups * q4::kChunk) != 0 || kernel.k >= (int64_t{1} << 19))
-        kernel.k = -1;
-      std::copy(data, data + 3, kernel.data);
-    }
-    fits_k = kernel.k;
-    n = kernel.n;
-    groups = kernel.groups;
-  }
-  const int64_t k = x.dims.back();
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < x.dims.size(); ++i) rows *= x.dims[i];
-  std::vector<int64_t> out_dims(x.dims);
-  out_dims.back() = n;
-  float* y = output(ctx, 0, out_dims);
-  if (y == nullptr) return;
-  if (fits_k != k) {
-    for (int64_t i = 0; i < rows * n; ++i) y[i] = NAN;  // no status to return at this API version: poison
-    return;
-  }
-  const q4::Rows quantized = q4::quantize_rows(static_cast<const float*>(x.data), rows, k, groups);
-  const q4::Weights w{static_cast<const uint8_t*>(data[0]), k / q4::kChunk, n / q4::kBlock};
-  const q4::Scales sc{static_cast<const float*>(data[1]), static_cast<const float*>(data[2]), n, groups};
+// The linear of inputs first .. first+2 into w (the caller holds the kernel's mutex: sessions may run concurrently);
+// false where an input cannot be read.
+bool linear_weights(KernelContext* ctx, size_t first, LinearWeights& w) {
+  const void* data[3] = {input_data(ctx, first), input_data(ctx, first + 1), input_data(ctx, first + 2)};
+  if (!data[0] || !data[1] || !data[2]) return false;
+  if (std::equal(data, data + 3, w.data)) return true;
+  Tensor weight, scales, sums;
+  if (!read_input(ctx, first, weight) || !read_input(ctx, first + 1, scales) || !read_input(ctx, first + 2, sums) ||
+      weight.dims.size() != 3 || scales.dims.size() != 2 || sums.dims.size() != 1)
+    return false;
+  w.k = weight.dims[1] * q4::kChunk;
+  w.groups = scales.dims[0];
+  w.n = scales.dims[1];
+  if (weight.dims[0] * q4::kBlock != w.n || weight.dims[2] != 64 || sums.dims[0] != w.n || w.groups <= 0 ||
+      w.k % (w.groups * q4::kChunk) != 0 || w.k >= (int64_t{1} << 19))
+    w.k = -1;
+  std::copy(data, data + 3, w.data);
+  return true;
+}
+
+// y [rows, N] = x [rows, K] through the linear w (w.k = K).
+void linear_rows(KernelContext* ctx, const float* x, int64_t rows, const LinearWeights& w, float* y) {
+  const int64_t k = w.k, n = w.n;
+  const q4::Rows quantized = q4::quantize_rows(x, rows, k, w.groups);
+  const q4::Weights weights{static_cast<const uint8_t*>(w.data[0]), k / q4::kChunk, n / q4::kBlock};
+  const q4::Scales sc{static_cast<const float*>(w.data[1]), static_cast<const float*>(w.data[2]), n, w.groups};
   // groups of 4 output blocks in parallel where q4::rows_in_parallel (as linear_q4.cpp's op on ExecuTorch's pool);
   // else here, sparing the pool's wake-ups
   const int64_t blocks = n / q4::kBlock, tasks = (blocks + q4::kGroup - 1) / q4::kGroup;
-  const auto group_of_blocks = [&](int64_t task) {
-    q4::blocks(quantized, rows, w, sc, task * q4::kGroup, std::min(blocks, (task + 1) * q4::kGroup), y);
-  };
   if (q4::rows_in_parallel(rows, k, n)) {
-    parallel_for(ctx, tasks, group_of_blocks);
+    parallel_for(ctx, tasks, [&](int64_t task) {
+      q4::blocks(quantized, rows, weights, sc, task * q4::kGroup, std::min(blocks, (task + 1) * q4::kGroup), y);
+    });
   } else {
-    q4::blocks(quantized, rows, w, sc, 0, blocks, y);
+    q4::blocks(quantized, rows, weights, sc, 0, blocks, y);
   }
+}
+
+struct LinearQ4Kernel {
+  std::mutex mutex;
+  LinearWeights weights;
+};
+
+void linear_q4(void* kernel_state, KernelContext* ctx) {
+  auto& kernel = *static_cast<LinearQ4Kernel*>(kernel_state);
+  Tensor x;
+  if (!read_input(ctx, 0, x) || x.dims.empty()) return;
+  LinearWeights w;
+  {
+    std::lock_guard<std::mutex> lock(kernel.mutex);
+    if (!linear_weights(ctx, 1, kernel.weights)) return;
+    w = kernel.weights;
+  }
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x.dims.size(); ++i) rows *= x.dims[i];
+  std::vector<int64_t> out_dims(x.dims);
+  out_dims.back() = w.n;
+  float* y = output(ctx, 0, out_dims);
+  if (y == nullptr) return;
+  if (w.k != x.dims.back()) return poison(y, rows * w.n);
+  linear_rows(ctx, static_cast<const float*>(x.data), rows, w, y);
+}
+
+// DecoderLayer's kernel: its attributes and its five linears' weights as the last call found them.
+struct DecoderLayerKernel {
+  int64_t heads = 0, kv_heads = 0;
+  float eps = 0.f;
+  std::mutex mutex;
+  LinearWeights qkv, o, gate, up, down;
+};
+
+bool has_dims(const Tensor& x, std::initializer_list<int64_t> dims) {
+  return std::equal(x.dims.begin(), x.dims.end(), dims.begin(), dims.end());
+}
+
+void decoder_layer(void* kernel_state, KernelContext* ctx) {
+  auto& kernel = *static_cast<DecoderLayerKernel*>(kernel_state);
+  Tensor x, attn_norm, past_k, past_v, total, cos, sin, mlp_norm;
+  if (!read_input(ctx, 0, x) || !read_input(ctx, 1, attn_norm) || !read_input(ctx, 5, past_k) ||
+      !read_input(ctx, 6, past_v) || !read_input(ctx, 8, total) || !read_input(ctx, 9, cos) ||
+      !read_input(ctx, 10, sin) || !read_input(ctx, 14, mlp_norm))
+    return;
+  LinearWeights qkv, o, gate, up, down;
+  {
+    std::lock_guard<std::mutex> lock(kernel.mutex);
+    if (!linear_weights(ctx, 2, kernel.qkv) || !linear_weights(ctx, 11, kernel.o) ||
+        !linear_weights(ctx, 15, kernel.gate) || !linear_weights(ctx, 18, kernel.up) ||
+        !linear_weights(ctx, 21, kernel.down))
+      return;
+    qkv = kernel.qkv, o = kernel.o, gate = kernel.gate, up = kernel.up, down = kernel.down;
+  }
+  const int64_t h = kernel.heads, h_kv = kernel.kv_heads;
+  if (x.dims.size() != 3 || x.dims[0] != 1 || past_k.dims.size() != 4 || cos.dims.size() != 2 || h <= 0 || h_kv <= 0 ||
+      h % h_kv)
+    return;
+  const int64_t t = x.dims[1], dim = x.dims[2], s = past_k.dims[2], d = past_k.dims[3], width = gate.n;
+  const int64_t end = *static_cast<const int32_t*>(total.data), pos = end - t;
+  float* y = output(ctx, 0, x.dims);
+  if (y == nullptr) return;
+  if (past_k.dims[1] != h_kv || pos < 0 || end > s || end > cos.dims[0] || cos.dims[1] * 2 != d ||
+      !has_dims(attn_norm, {dim}) || !has_dims(mlp_norm, {dim}) || qkv.k != dim || qkv.n != (h + 2 * h_kv) * d ||
+      o.k != h * d || o.n != dim || gate.k != dim || up.k != dim || up.n != width || down.k != width || down.n != dim)
+    return poison(y, t * dim);
+  float* k_cache = output(ctx, 1, past_k.dims);
+  float* v_cache = output(ctx, 2, past_k.dims);
+  if (k_cache == nullptr || v_cache == nullptr) return;
+  const size_t cache_bytes = static_cast<size_t>(h_kv * s * d) * sizeof(float);
+  if (k_cache != past_k.data) std::memcpy(k_cache, past_k.data, cache_bytes);
+  if (v_cache != past_v.data) std::memcpy(v_cache, past_v.data, cache_bytes);
+
+  thread_local std::vector<float> normed, qkv_rows, attended, g, u, act, delta;
+  normed.resize(t * dim);
+  qkv_rows.resize(t * qkv.n);
+  attended.resize(t * h * d);
+  g.resize(t * width);
+  u.resize(t * width);
+  act.resize(t * width);
+  delta.resize(t * dim);
+  const float* xp = static_cast<const float*>(x.data);
+  // attention: h = x + o(attend(q, k, v)), q | k | v = qkv(rms_norm(x))
+  rms_norm(xp, static_cast<const float*>(attn_norm.data), t, dim, kernel.eps, normed.data());
+  linear_rows(ctx, normed.data(), t, qkv, qkv_rows.data());
+  attend_qkv(ctx, qkv_rows.data(), t, h, h_kv, d, s, pos, static_cast<const float*>(cos.data),
+             static_cast<const float*>(sin.data), k_cache, v_cache, attended.data());
+  linear_rows(ctx, attended.data(), t, o, delta.data());
+  for (int64_t i = 0; i < t * dim; ++i) y[i] = xp[i] + delta[i];
+  // MLP: out = h + down(silu(gate(n)) * up(n)), n = rms_norm(h)
+  rms_norm(y, static_cast<const float*>(mlp_norm.data), t, dim, kernel.eps, normed.data());
+  linear_rows(ctx, normed.data(), t, gate, g.data());
+  linear_rows(ctx, normed.data(), t, up, u.data());
+  for (int64_t r = 0; r < t; ++r) silu_mul(g.data() + r * width, u.data() + r * width, width, act.data() + r * width);
+  linear_rows(ctx, act.data(), t, down, delta.data());
+  for (int64_t i = 0; i < t * dim; ++i) y[i] += delta[i];
+}
+
+void* create_decoder_layer(const CustomOp*, const Api* api, const KernelInfo* info) {
+  auto* kernel = new DecoderLayerKernel;
+  if (fn<86, KernelInfoGetAttributeInt64>(api)(info, "num_heads", &kernel->heads)) kernel->heads = 0;
+  if (fn<86, KernelInfoGetAttributeInt64>(api)(info, "kv_num_heads", &kernel->kv_heads)) kernel->kv_heads = 0;
+  if (fn<85, KernelInfoGetAttributeFloat>(api)(info, "epsilon", &kernel->eps)) kernel->heads = 0;  // refused above
+  return kernel;
 }
 
 void* create_attention(const CustomOp*, const Api* api, const KernelInfo* info) {
@@ -274,6 +382,9 @@ constexpr OpSpec make_op(const char* name, const ElementType* inputs, size_t inp
 
 constexpr ElementType kAttentionInputs[] = {kFloat, kFloat, kFloat, kInt32, kInt32, kFloat, kFloat};
 constexpr ElementType kLinearInputs[] = {kFloat, kUint8, kFloat, kFloat};
+constexpr ElementType kLayerInputs[] = {kFloat, kFloat, kUint8, kFloat, kFloat, kFloat, kFloat, kInt32, kInt32, kFloat,
+                                        kFloat, kUint8, kFloat, kFloat, kFloat, kUint8, kFloat, kFloat, kUint8, kFloat,
+                                        kFloat, kUint8, kFloat, kFloat};
 
 const OpSpec kOps[] = {
     make_op("RowAttention", kAttentionInputs, 7, 3, create_attention, attention,
@@ -281,6 +392,8 @@ const OpSpec kOps[] = {
     make_op("LinearQ4", kLinearInputs, 4, 1,
             [](const CustomOp*, const Api*, const KernelInfo*) -> void* { return new LinearQ4Kernel; }, linear_q4,
             [](void* kernel) { delete static_cast<LinearQ4Kernel*>(kernel); }),
+    make_op("DecoderLayer", kLayerInputs, 24, 3, create_decoder_layer, decoder_layer,
+            [](void* kernel) { delete static_cast<DecoderLayerKernel*>(kernel); }),
 };
 
 CustomOpDomain* g_domain = nullptr;  // lives as long as the process: sessions may outlive any one registration
