@@ -97,6 +97,19 @@ void poison(float* y, int64_t count) {  // no status to return at this API versi
   for (int64_t i = 0; i < count; ++i) y[i] = NAN;
 }
 
+// The present_k, present_v outputs (1, 2): the past buffers themselves where the runtime binds them so, else copies
+// of the past; false where they cannot be had.
+bool present_caches(KernelContext* ctx, const Tensor& past_k, const Tensor& past_v, float*& k_cache, float*& v_cache) {
+  k_cache = output(ctx, 1, past_k.dims);
+  v_cache = output(ctx, 2, past_k.dims);
+  if (k_cache == nullptr || v_cache == nullptr) return false;
+  size_t cache_bytes = sizeof(float);
+  for (int64_t n : past_k.dims) cache_bytes *= static_cast<size_t>(n);
+  if (k_cache != past_k.data) std::memcpy(k_cache, past_k.data, cache_bytes);
+  if (v_cache != past_v.data) std::memcpy(v_cache, past_v.data, cache_bytes);
+  return true;
+}
+
 // Rotates one head's row x [D] at rotary row (cos, sin) [D/2] into y: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin.
 void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* y) {
   const int64_t half = d / 2;
@@ -176,12 +189,8 @@ void attention(void* kernel_state, KernelContext* ctx) {
       cos.dims[1] * 2 != d) {
     return poison(out, t * h * d);
   }
-  float* k_cache = output(ctx, 1, past_k.dims);
-  float* v_cache = output(ctx, 2, past_k.dims);
-  if (k_cache == nullptr || v_cache == nullptr) return;
-  const size_t cache_bytes = static_cast<size_t>(h_kv * s * d) * sizeof(float);
-  if (k_cache != past_k.data) std::memcpy(k_cache, past_k.data, cache_bytes);
-  if (v_cache != past_v.data) std::memcpy(v_cache, past_v.data, cache_bytes);
+  float *k_cache, *v_cache;
+  if (!present_caches(ctx, past_k, past_v, k_cache, v_cache)) return;
 
   attend_qkv(ctx, static_cast<const float*>(qkv.data), t, h, h_kv, d, s, pos, static_cast<const float*>(cos.data),
              static_cast<const float*>(sin.data), k_cache, v_cache, out);
@@ -308,12 +317,8 @@ void decoder_layer(void* kernel_state, KernelContext* ctx) {
       !has_dims(attn_norm, {dim}) || !has_dims(mlp_norm, {dim}) || qkv.k != dim || qkv.n != (h + 2 * h_kv) * d ||
       o.k != h * d || o.n != dim || gate.k != dim || up.k != dim || up.n != width || down.k != width || down.n != dim)
     return poison(y, t * dim);
-  float* k_cache = output(ctx, 1, past_k.dims);
-  float* v_cache = output(ctx, 2, past_k.dims);
-  if (k_cache == nullptr || v_cache == nullptr) return;
-  const size_t cache_bytes = static_cast<size_t>(h_kv * s * d) * sizeof(float);
-  if (k_cache != past_k.data) std::memcpy(k_cache, past_k.data, cache_bytes);
-  if (v_cache != past_v.data) std::memcpy(v_cache, past_v.data, cache_bytes);
+  float *k_cache, *v_cache;
+  if (!present_caches(ctx, past_k, past_v, k_cache, v_cache)) return;
 
   thread_local std::vector<float> normed, qkv_rows, attended, g, u, act, delta;
   normed.resize(t * dim);
