@@ -26,6 +26,16 @@ def _attr(node, name: str):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
+def _skip_sum(node) -> str:
+    """The residual sum a SkipSimplifiedLayerNormalization also outputs (its 4th output), or "" where it has none."""
+    return node.output[3] if len(node.output) > 3 else ""
+
+
+def _linear_weights(node) -> list[str]:
+    """A LinearQ4's weight, scales and weight_sums."""
+    return list(node.input[1:4])
+
+
 class _Graph:
     def __init__(self, graph: onnx.GraphProto):
         self.producer = {out: node for node in graph.node for out in node.output if out}
@@ -52,17 +62,16 @@ def _match_layer(g: _Graph, attention) -> Optional[dict]:
     if opening.op_type == "SimplifiedLayerNormalization" and len(opening.input) == 2:
         x_in = opening.input[0]
     elif opening.op_type == "SkipSimplifiedLayerNormalization" and len(opening.input) == 3 and \
-            opening.output[0] == qkv.input[0] and len(opening.output) > 3 and opening.output[3]:
-        x_in = opening.output[3]  # the residual sum the skip norm makes: the previous layer's output
+            opening.output[0] == qkv.input[0] and _skip_sum(opening):
+        x_in = _skip_sum(opening)  # the previous layer's output
     else:
         return None
     o = g.only_consumer(attention.output[0], "LinearQ4")
     post = g.only_consumer(o.output[0], "SkipSimplifiedLayerNormalization") if o is not None else None
     if post is None or len(post.input) != 3 or sorted(post.input[:2]) != sorted([x_in, o.output[0]]) or \
-            len(post.output) < 4 or \
-            not post.output[3]:
+            not _skip_sum(post):
         return None
-    x_mid, normed = post.output[3], post.output[0]
+    x_mid, normed = _skip_sum(post), post.output[0]
     mlp = {}
     for linear in g.consumers[normed]:
         users = g.consumers[linear.output[0]]
@@ -105,15 +114,14 @@ def fuse_decoder_layers(proto: onnx.ModelProto) -> onnx.ModelProto:
             x_out = closing.output[0]
             removed.add(id(closing))
         else:  # the next norm stays, on the layer's output: SkipSimplifiedLayerNormalization -> its sum made here
-            x_out = closing.output[3] if len(closing.output) > 3 and closing.output[3] else f"{attention.output[0]}_out"
+            x_out = _skip_sum(closing) or f"{attention.output[0]}_out"
             replace[id(closing)] = helper.make_node(
                 "SimplifiedLayerNormalization", [x_out, closing.input[2]], [closing.output[0]],
                 name=f"{closing.name}_norm", epsilon=_attr(closing, "epsilon"), axis=-1, stash_type=1)
-        weights = lambda node: list(node.input[1:4])  # noqa: E731 -- a LinearQ4's weight, scales, weight_sums
         replace[id(layer["qkv"])] = helper.make_node(
-            LAYER_OP, [layer["x_in"], layer["opening"].input[-1], *weights(layer["qkv"]), *attention.input[1:7],
-                       *weights(layer["o"]), layer["post"].input[2], *weights(layer["gate"]), *weights(layer["up"]),
-                       *weights(layer["down"])],
+            LAYER_OP, [layer["x_in"], layer["opening"].input[-1], *_linear_weights(layer["qkv"]), *attention.input[1:7],
+                       *_linear_weights(layer["o"]), layer["post"].input[2],
+                       *(w for k in ("gate", "up", "down") for w in _linear_weights(layer[k]))],
             [x_out, *attention.output[1:3]], name=f"{attention.name or attention.output[0]}_layer", domain="layerskip",
             num_heads=_attr(attention, "num_heads"), kv_num_heads=_attr(attention, "kv_num_heads"), epsilon=layer["eps"])
         removed.update(id(layer[k]) for k in ("attention", "o", "post", "gate", "sigmoid", "silu", "up", "product",
